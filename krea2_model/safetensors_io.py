@@ -1,0 +1,193 @@
+"""Reading tensors lazily from safetensors files, folders of shards, or in-memory state dicts.
+
+Nothing here unpickles: pickle-based checkpoints are refused with :class:`PickleRefusedError`.
+Tensors are read one at a time from memory-mapped files, so loading never holds a second copy of
+the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from .errors import Krea2FileError, PickleRefusedError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class TensorSource(Mapping):
+    """A read-only mapping ``key -> tensor`` that loads on access, plus ``shape(key)``,
+    ``metadata`` (the safetensors ``__metadata__`` of the first file) and ``describe()`` (the
+    path, for messages)."""
+
+    def __init__(self, shapes: dict, getter: Callable[[str], torch.Tensor], where: str, metadata=None, dtypes=None):
+        self._shapes = shapes
+        self._get = getter
+        self.where = where
+        self.metadata = metadata or {}
+        self._dtypes = dtypes or {}
+
+    def __getitem__(self, key):
+        if key not in self._shapes:
+            raise KeyError(key)
+        return self._get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self):
+        return len(self._shapes)
+
+    def shape(self, key) -> tuple:
+        return tuple(self._shapes[key])
+
+    def dtype(self, key):
+        return self._dtypes.get(key)
+
+    def shapes(self) -> dict:
+        return dict(self._shapes)
+
+
+def _check_not_pickle(path: str) -> None:
+    low = path.lower()
+    if low.endswith(PICKLE_SUFFIXES):
+        raise PickleRefusedError(
+            f"{path}: this is a pickle checkpoint ({os.path.splitext(low)[1]}). Krea 2 loaders never unpickle files, "
+            "because loading a pickle can run arbitrary code. Use the .safetensors release of this model, or convert "
+            "the file to safetensors with a tool you trust.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise PickleRefusedError(
+            f"{path}: this file is a pickle/zip checkpoint (torch.save format) despite its name. Krea 2 loaders never "
+            "unpickle files. Use a .safetensors file.")
+
+
+def read_safetensors_header(path: str) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` from the header alone, with errors that say what is wrong with the file."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise Krea2FileError(f"{path}: cannot open the file ({e.strerror}). Check the path and the file's permissions.")
+    _check_not_pickle(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise Krea2FileError(f"{path}: the file is {size} bytes, too short to be safetensors: it is truncated or "
+                                 "empty. Download it again.")
+        n = struct.unpack("<Q", raw)[0]
+        if n > size - 8 or n > 100_000_000:
+            raise Krea2FileError(f"{path}: not a valid safetensors file (header length {n} exceeds the file size "
+                                 f"{size}). The file is truncated or not safetensors; download it again.")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise Krea2FileError(f"{path}: the safetensors header is not valid JSON: the file is corrupt. "
+                                 "Download it again.")
+    meta = header.pop("__metadata__", None) or {}
+    end = 0
+    for k, v in header.items():
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise Krea2FileError(f"{path}: the safetensors header entry for '{k}' is malformed: the file is corrupt.")
+    if 8 + n + end > size:
+        raise Krea2FileError(
+            f"{path}: the file is truncated: its header describes {8 + n + end} bytes but the file has {size}. "
+            "The download was probably interrupted; download it again.")
+    return header, meta
+
+
+def open_safetensors(path: str) -> TensorSource:
+    from safetensors import safe_open
+
+    header, meta = read_safetensors_header(path)
+    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+    dtypes = {k: _ST_DTYPES.get(v.get("dtype")) for k, v in header.items()}
+    handle = {}
+
+    def get(key):
+        if "f" not in handle:
+            try:
+                handle["f"] = safe_open(path, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise Krea2FileError(f"{path}: cannot read safetensors data ({e}). The file is corrupt; download it again.")
+        try:
+            return handle["f"].get_tensor(key)
+        except Exception as e:
+            raise Krea2FileError(f"{path}: cannot read tensor '{key}' ({e}). The file is corrupt; download it again.")
+
+    return TensorSource(shapes, get, path, meta, dtypes)
+
+
+def open_sharded_folder(folder: str, index_names=("diffusion_pytorch_model.safetensors.index.json",
+                                                   "model.safetensors.index.json")) -> TensorSource:
+    """A folder with ``*.safetensors.index.json`` and its shards, or with a single safetensors file."""
+    for name in index_names:
+        idx = os.path.join(folder, name)
+        if os.path.isfile(idx):
+            break
+    else:
+        idx = None
+        found = [f for f in os.listdir(folder) if f.endswith(".safetensors.index.json")]
+        if found:
+            idx = os.path.join(folder, sorted(found)[0])
+    if idx is None:
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        if len(files) == 1:
+            return open_safetensors(os.path.join(folder, files[0]))
+        pickles = [f for f in os.listdir(folder) if f.lower().endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            _check_not_pickle(os.path.join(folder, pickles[0]))
+        raise Krea2FileError(
+            f"{folder}: no safetensors index json and {len(files)} .safetensors files in this folder; expected a "
+            "diffusers/HF folder with '<name>.safetensors.index.json' and its shards, or one .safetensors file.")
+    try:
+        with open(idx) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise Krea2FileError(f"{idx}: cannot read the shard index ({e}); it must be JSON with a 'weight_map'.")
+    shards = {}
+    shapes, dtypes, owner = {}, {}, {}
+    meta = {}
+    for shard in sorted(set(weight_map.values())):
+        p = os.path.join(folder, shard)
+        if not os.path.isfile(p):
+            raise Krea2FileError(f"{idx}: names shard '{shard}', which is not in {folder}. The download is "
+                                 "incomplete; fetch every shard listed in the index.")
+        src = open_safetensors(p)
+        shards[shard] = src
+        meta = meta or src.metadata
+        for k in src:
+            shapes[k] = src.shape(k)
+            dtypes[k] = src.dtype(k)
+            owner[k] = src
+    missing = [k for k in weight_map if k not in shapes]
+    if missing:
+        raise Krea2FileError(f"{idx}: {len(missing)} tensors listed in the index are absent from their shards "
+                             f"(first: {missing[:3]}); the shards are from another version. Download them again.")
+    return TensorSource(shapes, lambda k: owner[k][k], folder, meta, dtypes)
+
+
+def open_source(source) -> TensorSource:
+    """A path to a .safetensors file, a folder, or a state dict -> :class:`TensorSource`."""
+    if isinstance(source, TensorSource):
+        return source
+    if isinstance(source, Mapping):
+        sd = dict(source)
+        return TensorSource({k: tuple(v.shape) for k, v in sd.items()}, sd.__getitem__, "<state dict>",
+                            dtypes={k: v.dtype for k, v in sd.items()})
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return open_sharded_folder(path)
+    if not os.path.exists(path):
+        raise Krea2FileError(f"{path}: no such file or folder. Check the name; model files go in ComfyUI's "
+                             "models/diffusion_models (transformer) or models/text_encoders (text encoder).")
+    return open_safetensors(path)
