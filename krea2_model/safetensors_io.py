@@ -62,9 +62,12 @@ def _check_not_pickle(path: str) -> None:
             f"{path}: this is a pickle checkpoint ({os.path.splitext(low)[1]}). Krea 2 loaders never unpickle files, "
             "because loading a pickle can run arbitrary code. Use the .safetensors release of this model, or convert "
             "the file to safetensors with a tool you trust.")
+
+def _sniff_pickle(path: str) -> None:
+    """Called when a file does not parse as safetensors: name a torch.save/pickle file as such."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(4)
+    if head == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise PickleRefusedError(
             f"{path}: this file is a pickle/zip checkpoint (torch.save format) despite its name. Krea 2 loaders never "
             "unpickle files. Use a .safetensors file.")
@@ -80,15 +83,18 @@ def read_safetensors_header(path: str) -> tuple[dict, dict]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
+            _sniff_pickle(path)
             raise Krea2FileError(f"{path}: the file is {size} bytes, too short to be safetensors: it is truncated or "
                                  "empty. Download it again.")
         n = struct.unpack("<Q", raw)[0]
         if n > size - 8 or n > 100_000_000:
+            _sniff_pickle(path)
             raise Krea2FileError(f"{path}: not a valid safetensors file (header length {n} exceeds the file size "
                                  f"{size}). The file is truncated or not safetensors; download it again.")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
+            _sniff_pickle(path)
             raise Krea2FileError(f"{path}: the safetensors header is not valid JSON: the file is corrupt. "
                                  "Download it again.")
     meta = header.pop("__metadata__", None) or {}
