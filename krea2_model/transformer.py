@@ -111,6 +111,8 @@ class Modulation(nn.Module):
 
     def __init__(self, shape, dtype=None, device=None):
         super().__init__()
+        if dtype is not None and dtype.itemsize < 2:
+            dtype = torch.float32  # tables are tiny: never store them in fp8
         self.lin = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False)
 
 
@@ -180,6 +182,7 @@ class Krea2Transformer(nn.Module):
         ops = ops_or_default(operations)
         self.config = cfg
         self.dtype = dtype
+        self._host_ops = operations is not None
         F_, kw = cfg.hidden, dict(dtype=dtype, device=device)
         self.first = ops.Linear(cfg.in_channels, F_, bias=True, **kw)
         self.tmlp = nn.Sequential(ops.Linear(cfg.time_dim, F_, bias=True, **kw), nn.GELU(approximate="tanh"),
@@ -211,13 +214,17 @@ class Krea2Transformer(nn.Module):
         """Text fusion + projection: conditioning -> ``(B, seq, hidden)`` text tokens. Independent of
         the timestep, so callers may compute it once per prompt and reuse it."""
         ctx = self.unpack_context(context)
-        dt = self._compute_dtype()
+        dt = self._compute_dtype(context)
         h = self.txtfusion(ctx.to(dt), mask=mask)
         return self.txtmlp(h)
 
-    def _compute_dtype(self):
-        return self.first.weight.dtype if self.first.weight.dtype.is_floating_point and \
-            self.first.weight.dtype.itemsize >= 2 else (self.dtype or torch.bfloat16)
+    def _compute_dtype(self, x: torch.Tensor | None = None):
+        """The dtype activations run in: under host operations (which cast weights per call) the
+        input's, as the host chose it; otherwise the stored weights' dtype."""
+        if self._host_ops and x is not None:
+            return x.dtype
+        w = self.first.weight.dtype
+        return w if w.is_floating_point and w.itemsize >= 2 else torch.bfloat16
 
     def rope(self, text_len: int, grid_h: int, grid_w: int, device):
         key = (text_len, grid_h, grid_w, str(device))
@@ -241,7 +248,7 @@ class Krea2Transformer(nn.Module):
             raise ConditioningError(f"Krea 2 latent must have {cfg.channels} channels (Wan21 latent format), "
                                     f"got shape {tuple(x.shape)}.")
         in_dtype = x.dtype
-        dt = self._compute_dtype()
+        dt = self._compute_dtype(x)
 
         ph, pw = (-H) % p, (-W) % p
         if ph or pw:
