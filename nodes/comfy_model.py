@@ -1,0 +1,164 @@
+"""Host adapter: a Krea 2 checkpoint -> a ComfyUI MODEL built the way core builds its own models.
+
+A model config (``supported_models_base.BASE`` subclass), a ``BaseModel`` whose ``diffusion_model``
+is our :class:`krea2_model.Krea2Transformer` built through ComfyUI's operations (manual cast, fp8
+storage, scaled-fp8 / per-layer quantized files), and a ``ModelPatcher`` with ComfyUI's load and
+offload devices, so low-VRAM partial loading, LoRA patching and unloading work as for core models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models_base
+import comfy.utils
+
+from ..krea2_model import CanonicalCheckpoint, Krea2Config, Krea2Transformer
+
+log = logging.getLogger("krea2")
+
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+
+
+def _unet(krea2_config: dict, dtype=None, device=None, operations=None, **_ignored):
+    """What ``BaseModel`` calls as ``unet_model(**unet_config, device=..., operations=...)``."""
+    return Krea2Transformer(Krea2Config(**krea2_config), dtype=dtype, device=device, operations=operations)
+
+
+class Krea2BaseModel(comfy.model_base.BaseModel):
+    """Flow model (sigma in [0, 1], velocity) around our transformer; conditioning via ``c_crossattn``."""
+
+    def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLUX, device=None):
+        super().__init__(model_config, model_type, device=device, unet_model=_unet)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        cross_attn = kwargs.get("cross_attn", None)
+        if cross_attn is not None:
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+        return out
+
+
+class Krea2ModelConfig(comfy.supported_models_base.BASE):
+    unet_config = {"image_model": "krea2_pack"}
+    unet_extra_config = {}
+    sampling_settings = {"multiplier": 1.0, "shift": 1.15}  # Turbo's mu; Krea2ModelSampling sets Raw's
+    latent_format = comfy.latent_formats.Wan21
+    memory_usage_factor = 2.2
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    vae_key_prefix = ["vae."]
+    text_encoder_key_prefix = ["text_encoders."]
+
+    def model_type(self, state_dict, prefix=""):
+        return comfy.model_base.ModelType.FLUX
+
+    def inpaint_model(self):
+        return False
+
+    def get_model(self, state_dict, prefix="", device=None):
+        return Krea2BaseModel(self, device=device)
+
+    def clip_target(self, state_dict={}):
+        return None
+
+
+import comfy.conds  # noqa: E402  (after comfy.model_base, as core does)
+
+
+def weight_dtype_options(weight_dtype: str) -> dict:
+    opts = {}
+    if weight_dtype in ("fp8_e4m3fn", "fp8_e4m3fn_fast"):
+        opts["dtype"] = torch.float8_e4m3fn
+        opts["fp8_optimizations"] = weight_dtype == "fp8_e4m3fn_fast"
+    elif weight_dtype == "fp8_e5m2":
+        opts["dtype"] = torch.float8_e5m2
+    elif weight_dtype != "default":
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    return opts
+
+
+def _cfg_attr(cfg, name):
+    """A model-config attribute without BASE.__getattr__'s warning when this host lacks it."""
+    return cfg.__dict__.get(name, getattr(type(cfg), name, None))
+
+
+def load_model(path: str, weight_dtype: str = "default", model_options: dict | None = None):
+    """Load a Krea 2 transformer file or diffusers folder into a ComfyUI ``ModelPatcher``."""
+    opts = dict(model_options or {})
+    opts.update(weight_dtype_options(weight_dtype))
+    ck = CanonicalCheckpoint(path)          # validates layout, shapes, completeness (typed errors)
+    ck.report_extra()
+    sd = {}
+    pbar = comfy.utils.ProgressBar(len(ck.keys()) + len(ck.aux))
+    for k in ck.keys():
+        sd[k] = ck.load(k)
+        pbar.update(1)
+    for k in ck.aux:
+        sd[k] = ck.load_aux(k)
+        pbar.update(1)
+    metadata = ck.src.metadata or None
+
+    model_config = Krea2ModelConfig({"image_model": "krea2_pack", "krea2_config": ck.config.to_dict()})
+    # ComfyUI's quantized formats: newer hosts convert scale_weight files and detect per-layer quant
+    # configs; older ones use a scaled_fp8 marker on the model config.
+    if hasattr(comfy.utils, "convert_old_quants"):
+        sd, metadata = comfy.utils.convert_old_quants(sd, "", metadata=metadata)
+        detect = getattr(comfy.utils, "detect_layer_quantization", None)
+        quant = detect(sd, "") if detect is not None else None
+        if quant:
+            model_config.quant_config = quant
+    elif "scaled_fp8" in sd:
+        marker = sd.pop("scaled_fp8")
+        model_config.scaled_fp8 = marker.dtype if marker.dtype != torch.float32 else torch.float8_e4m3fn
+        model_config.optimizations["fp8"] = marker.nelement() != 2
+    sd.pop("scaled_fp8", None)
+
+    load_device = opts.get("load_device", mm.get_torch_device())
+    offload_device = opts.get("offload_device", mm.unet_offload_device())
+    parameters = comfy.utils.calculate_parameters(sd)
+    quantized = _cfg_attr(model_config, "quant_config") is not None or \
+        _cfg_attr(model_config, "scaled_fp8") is not None
+    if opts.get("dtype") is None:
+        weight_dtype_sd = None if quantized else comfy.utils.weight_dtype(sd)
+        unet_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=model_config.supported_inference_dtypes,
+                                   weight_dtype=weight_dtype_sd)
+    else:
+        unet_dtype = opts["dtype"]
+    manual_cast = mm.unet_manual_cast(None if _cfg_attr(model_config, "quant_config") is not None else unet_dtype,
+                                      load_device, model_config.supported_inference_dtypes)
+    try:
+        model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+    except TypeError:  # older hosts: no device argument
+        model_config.set_inference_dtype(unet_dtype, manual_cast)
+    if opts.get("fp8_optimizations"):
+        model_config.optimizations["fp8"] = True
+
+    model = model_config.get_model(sd, "")
+    patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_cls(model, load_device=load_device, offload_device=offload_device)
+    if not mm.is_device_cpu(offload_device):
+        model.to(offload_device)
+    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+    try:
+        model.load_model_weights(sd, "", assign=dynamic)
+    except TypeError:
+        model.load_model_weights(sd, "")
+    del sd
+    log.info("Krea 2: loaded %s (%s layout, hidden %d, %d blocks, weights %s, compute %s)", os.path.basename(path),
+             ck.layout, ck.config.hidden, ck.config.layers, unet_dtype, manual_cast or unet_dtype)
+    return patcher
+
+
+def is_krea2_model(model) -> bool:
+    """True for our MODEL and for core's native Krea 2 MODEL."""
+    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if isinstance(inner, Krea2Transformer):
+        return True
+    return type(inner).__module__.endswith("krea2.model") or type(model.model).__name__ == "Krea2"
