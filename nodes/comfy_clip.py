@@ -1,0 +1,145 @@
+"""Host adapter: our Qwen3-VL text tower with Krea 2 taps as a ComfyUI CLIP.
+
+``comfy.sd.CLIP`` builds ``Krea2ClipModel`` (the ``cond_stage_model``) through ComfyUI's operations
+and wraps it in a ModelPatcher, so the encoder is loaded to the GPU to encode and offloaded after,
+like core text encoders. Works with core ``CLIPTextEncode`` (default taps) and ``Krea2TextEncode``
+(any taps: they travel inside the token dict).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.ops
+import comfy.sd
+import comfy.supported_models_base
+import comfy.utils
+
+from ..krea2_model.errors import Krea2Error
+from ..krea2_model.prompt import MAX_TOKENS, build_prompt_ids, find_tokenizer
+from ..krea2_model.qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
+from ..krea2_model.text_encoder import TextCheckpoint
+
+log = logging.getLogger("krea2")
+KEY = "krea2_qwen3vl"
+
+
+class Krea2ClipModel(torch.nn.Module):
+    """``cond_stage_model``: ``transformer`` is our :class:`Qwen3TextModel`; ``encode_token_weights``
+    turns our token dict into ``(cond (1, n, taps*hidden), None, {})``."""
+
+    def __init__(self, text_config: dict, device="cpu", dtype=None, model_options={}):
+        super().__init__()
+        ops = model_options.get("custom_operations") or comfy.ops.manual_cast
+        self.transformer = Qwen3TextModel(Qwen3TextConfig(**text_config), dtype=dtype, device=device, operations=ops)
+        self.dtypes = {dtype} if dtype is not None else {torch.float32}
+        self.execution_device = None
+
+    def reset_clip_options(self):
+        self.execution_device = None
+
+    def set_clip_options(self, options):
+        self.execution_device = options.get("execution_device", self.execution_device)
+
+    def load_sd(self, sd):
+        return self.transformer.load_state_dict(sd, strict=False)
+
+    def memory_estimation_function(self, tokens, device=None):
+        n = len(tokens.get(KEY, {}).get("ids", [])) or 512
+        return n * self.transformer.config.hidden * 64
+
+    def encode_token_weights(self, tokens):
+        t = tokens[KEY]
+        taps = tuple(t.get("taps", DEFAULT_TAPS))
+        dev = self.execution_device or next(self.transformer.parameters()).device
+        ids = torch.tensor([t["ids"]], dtype=torch.long, device=dev)
+        cfg = self.transformer.config
+        deepest = max(taps)
+        pbar = comfy.utils.ProgressBar(deepest) if len(t["ids"]) * deepest > 2048 else None
+        hooks = [layer.register_forward_hook(lambda *_: pbar.update(1)) for layer in self.transformer.layers[:deepest]] \
+            if pbar is not None else []
+        try:
+            # float32 activations whatever the storage (ComfyUI's CLIP sets float32 compute for text
+            # encoders too); the host's operations cast each weight as it is used
+            h = self.transformer(ids, taps, dtype=torch.float32)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        cond = h[:, t["prefix_len"]:].to(mm.intermediate_device(), torch.float32)
+        if cond.shape[-1] != len(taps) * cfg.hidden:
+            raise Krea2Error("internal: unexpected conditioning width")
+        return cond, None, {}
+
+
+class Krea2ClipTokenizer:
+    """Krea 2's template tokenizer as a ComfyUI tokenizer: ``tokenize_with_weights`` returns
+    ``{KEY: {"ids", "prefix_len", "prompt_tokens", "prompt_tokens_total"}}``."""
+
+    tokenizer_source = None  # set on the per-file subclass made by make_target
+
+    def __init__(self, embedding_directory=None, tokenizer_data={}):
+        self.tok = find_tokenizer(self.tokenizer_source)
+
+    def tokenize_with_weights(self, text, return_word_ids=False, max_tokens=MAX_TOKENS, taps=DEFAULT_TAPS, **kwargs):
+        p = build_prompt_ids(self.tok, text, max_tokens)
+        return {KEY: {"ids": list(p.ids), "prefix_len": p.prefix_len, "prompt_tokens": p.prompt_tokens,
+                      "prompt_tokens_total": p.prompt_tokens_total, "taps": tuple(taps)}}
+
+    def untokenize(self, token_weight_pair):
+        return token_weight_pair
+
+    def state_dict(self):
+        return {}
+
+
+def load_clip(path: str):
+    """A ComfyUI CLIP for a Qwen3-VL file or HF folder (validated with clear errors first)."""
+    ck = TextCheckpoint(path)
+    tok_cls = type("Krea2ClipTokenizerFor", (Krea2ClipTokenizer,), {"tokenizer_source": path})
+    tok_cls(None)  # tokenizer errors now, at load time, naming the file
+    target = comfy.supported_models_base.ClipTarget(tok_cls, Krea2ClipModel)
+    target.params = {"text_config": dict(ck.config.__dict__)}
+    params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
+    clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=params,
+                         model_options={})
+    pbar = comfy.utils.ProgressBar(len(ck.keys()))
+    sd = {}
+    for k in ck.keys():
+        sd[k] = ck.dequantized(k)
+        pbar.update(1)
+    missing, unexpected = clip.cond_stage_model.transformer.load_state_dict(sd, strict=False)
+    if missing:
+        raise Krea2Error(f"{path}: text encoder tensors not loaded: {missing[:5]}")
+    log.info("Krea 2: text encoder %s (%s layout, %d layers, hidden %d)", os.path.basename(path.rstrip('/')),
+             ck.layout, ck.config.layers, ck.config.hidden)
+    return clip
+
+
+def is_ours(clip) -> bool:
+    return isinstance(getattr(clip, "cond_stage_model", None), Krea2ClipModel)
+
+
+def is_core_krea2(clip) -> bool:
+    m = getattr(clip, "cond_stage_model", None)
+    return m is not None and "krea2" in type(m).__module__ + type(m).__name__.lower() and not is_ours(clip)
+
+
+def encode(clip, text: str, taps=DEFAULT_TAPS, max_tokens: int = MAX_TOKENS):
+    """CONDITIONING for ``text`` from our CLIP (any taps) or core's Krea 2 CLIP (default taps only)."""
+    taps = tuple(int(t) for t in taps)
+    if is_ours(clip):
+        tokens = clip.tokenizer.tokenize_with_weights(text, max_tokens=max_tokens, taps=taps)
+        return clip.encode_from_tokens_scheduled(tokens)
+    if is_core_krea2(clip):
+        if taps != tuple(DEFAULT_TAPS) or max_tokens != MAX_TOKENS:
+            raise Krea2Error("Krea2TextEncode: core's Krea 2 CLIP (CLIPLoader type krea2) only encodes the default "
+                             f"taps {','.join(map(str, DEFAULT_TAPS))} with max_tokens {MAX_TOKENS}. Load the text "
+                             "encoder with Krea2TextEncoderLoader to choose other taps or token limits.")
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    name = type(getattr(clip, "cond_stage_model", clip)).__name__
+    raise Krea2Error(f"Krea2TextEncode: the clip input is a {name} text encoder, not Krea 2's Qwen3-VL-4B. Load "
+                     "qwen3vl_4b with Krea2TextEncoderLoader (or CLIPLoader type krea2).")

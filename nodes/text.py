@@ -1,0 +1,69 @@
+"""Text nodes: Krea2TextEncoderLoader and Krea2TextEncode."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..krea2_model.errors import Krea2Error
+from ..krea2_model.prompt import MAX_TOKENS
+from ..krea2_model.qwen3 import DEFAULT_TAPS
+from . import comfy_clip
+
+CATEGORY = "Krea 2"
+DEFAULT_TAPS_TEXT = ",".join(map(str, DEFAULT_TAPS))
+
+
+def parse_taps(text: str) -> tuple[int, ...]:
+    try:
+        taps = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise Krea2Error(f"Krea2TextEncode: taps must be comma-separated integers like '{DEFAULT_TAPS_TEXT}', "
+                         f"got {text!r}.") from None
+    if not taps:
+        raise Krea2Error(f"Krea2TextEncode: taps is empty; the Krea 2 default is '{DEFAULT_TAPS_TEXT}'.")
+    return taps
+
+
+class Krea2TextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from . import list_files
+        return io.Schema(
+            node_id="Krea2TextEncoderLoader", display_name="Load Krea 2 Text Encoder", category=CATEGORY,
+            description="Loads Qwen3-VL-4B for Krea 2: ComfyUI's full VL files (vision tower ignored), text-only "
+                        "files, fp8_scaled files and Hugging Face folders from models/text_encoders.",
+            inputs=[io.Combo.Input("text_encoder_name", options=list_files("text_encoders"),
+                                   tooltip="qwen3vl_4b_bf16 / qwen3vl_4b_fp8_scaled, or an HF folder.")],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder_name) -> io.NodeOutput:
+        from . import resolve
+        return io.NodeOutput(comfy_clip.load_clip(resolve("text_encoders", text_encoder_name)))
+
+
+class Krea2TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Krea2TextEncode", display_name="Krea 2 Text Encode", category=CATEGORY,
+            description="Encodes a prompt exactly as Krea 2 was trained: Qwen-Image system template, Qwen3-VL "
+                        "hidden states at 12 layer taps, at most 507 prompt tokens (longer prompts are truncated "
+                        "with a warning). An empty prompt is Krea's negative.",
+            inputs=[
+                io.Clip.Input("clip"),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default=""),
+                io.String.Input("taps", default=DEFAULT_TAPS_TEXT, optional=True,
+                                tooltip="Advanced: hidden-state indices to stack (0 = embeddings)."),
+                io.Int.Input("max_tokens", default=MAX_TOKENS, min=6, max=8192, optional=True,
+                             tooltip="Advanced: prompt + 5 suffix tokens kept (Krea 2 was trained with 512)."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, taps=DEFAULT_TAPS_TEXT, max_tokens=MAX_TOKENS) -> io.NodeOutput:
+        if clip is None:
+            raise Krea2Error("Krea2TextEncode: the clip input is empty (the loader failed or was bypassed).")
+        return io.NodeOutput(comfy_clip.encode(clip, text, parse_taps(taps), max_tokens))
