@@ -1,0 +1,66 @@
+"""Host adapter: parsed Krea 2 LoRA patches -> ComfyUI ``ModelPatcher.add_patches``."""
+
+from __future__ import annotations
+
+import re
+
+from ..krea2_model.checkpoint import infer_config
+from ..krea2_model.errors import Krea2Error, LoraError
+from ..krea2_model.lora import parse_lora, to_comfy_patches
+from ..krea2_model.transformer import Krea2Transformer
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_TEXT = ("txtfusion.", "txtmlp.")
+
+
+def model_config_of(model):
+    """The Krea 2 size of our MODEL or of core's native Krea 2 MODEL (same parameter names)."""
+    dm = model.model.diffusion_model
+    if isinstance(dm, Krea2Transformer):
+        return dm.config
+    shapes = {k: tuple(v.shape) for k, v in dm.state_dict().items()}
+    if "txtfusion.projector.weight" not in shapes:
+        raise Krea2Error(f"Krea2LoraLoader: the model input is a {type(model.model).__name__} model, not Krea 2.")
+    shapes = {k: ((v[0] * v[1],) if k.endswith(".mod.lin") and len(v) == 2 else v) for k, v in shapes.items()}
+    return infer_config(shapes, "the connected MODEL")
+
+
+def _adapters():
+    try:
+        from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
+        return {"lora": LoRAAdapter, "lokr": LoKrAdapter, "loha": LoHaAdapter}
+    except ImportError:  # very old hosts take the tuples directly
+        return None
+
+
+def apply_lora(model, path: str, strength: float, strength_text: float = 1.0, blocks: set | None = None):
+    """A patched clone of ``model`` and a report ``{"applied", "filtered", "unmapped"}``. Text fusion and
+    text projection weights get ``strength * strength_text``; ``blocks`` limits the transformer blocks."""
+    cfg = model_config_of(model)
+    patches, unmapped = parse_lora(path, cfg)
+    kept, filtered = [], 0
+    for p in patches:
+        m = _BLOCK.match(p.key)
+        if blocks is not None and m and int(m.group(1)) not in blocks:
+            filtered += 1
+            continue
+        kept.append(p)
+    dora = [p.key for p in kept if p.dora_scale is not None]
+    base = None
+    if dora:  # exact DoRA needs the unpatched weights (small: only the DoRA targets)
+        sd = model.model.diffusion_model.state_dict()
+        base = {k: sd[k].float() for k in dora}
+    comfy = to_comfy_patches(kept, "diffusion_model.", adapters=_adapters(), base_weights=base)
+    text = {k: v for k, v in comfy.items() if k[len("diffusion_model."):].startswith(_TEXT)}
+    rest = {k: v for k, v in comfy.items() if k not in text}
+    m = model.clone()
+    applied = set()
+    if rest:
+        applied |= set(m.add_patches(rest, strength))
+    if text:
+        applied |= set(m.add_patches(text, strength * strength_text))
+    missing = [k for k in comfy if k not in applied]
+    if missing:
+        raise LoraError(f"{path}: {len(missing)} patch targets are not weights of this model (first: {missing[:3]}); "
+                        "the model is not the Krea 2 size this LoRA was made for.")
+    return m, {"applied": len(applied), "filtered": filtered, "unmapped": list(unmapped)}
