@@ -60,8 +60,9 @@ def lora_targets(cfg: Krea2Config) -> list[str]:
 
 @dataclass
 class TinyLora:
-    """A generated LoRA: ``state_dict`` and ``metadata`` as written to the file, and ``deltas``
-    ``{canonical key: callable(weight) -> new weight}`` (the hand-computed truth; see :meth:`merge`)."""
+    """A generated LoRA: ``state_dict`` and ``metadata`` as written to the file, and ``updates``
+    ``{canonical key: callable(float32 weight) -> new weight at strength 1}`` (the hand-computed truth; see
+    :meth:`merge`)."""
 
     state_dict: dict
     metadata: dict

@@ -96,6 +96,46 @@ def test_rank_only_metadata_means_scale_one():
         assert torch.equal(L.delta(p), L.delta(q))
 
 
+def test_diffusers_adapter_metadata_alpha_and_alpha_pattern():
+    tl = make_lora(CFG, "diffusers", seed=1)
+    import json
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8,
+                                                 "transformer.alpha_pattern": {"transformer_blocks.0.attn.to_k": 2}})}
+    ours, _ = L.parse_lora(tl.state_dict, CFG, metadata=meta)
+    plain, _ = L.parse_lora(tl.state_dict, CFG, metadata={})
+    for p, q in zip(ours, plain):
+        f = 0.5 if p.key == "blocks.0.attn.wk.weight" else 2.0
+        assert torch.allclose(L.delta(p), f * L.delta(q)), p.key
+
+
+@pytest.mark.parametrize("down,up,target", [
+    ("blocks.0.attn.wo.lora_A.default.weight", "blocks.0.attn.wo.lora_B.default.weight", "blocks.0.attn.wo.weight"),
+    ("transformer_blocks.0.attn.to_out.lora.down.weight", "transformer_blocks.0.attn.to_out.lora.up.weight",
+     "blocks.0.attn.wo.weight"),
+    ("transformer_blocks.0.attn.to_out.0_lora.down.weight", "transformer_blocks.0.attn.to_out.0_lora.up.weight",
+     "blocks.0.attn.wo.weight"),
+    ("unet.transformer_blocks.0.attn.to_gate.lora_linear_layer.down.weight",
+     "unet.transformer_blocks.0.attn.to_gate.lora_linear_layer.up.weight", "blocks.0.attn.gate.weight"),
+    ("model.diffusion_model.blocks.1.mlp.up.lora_down.weight", "model.diffusion_model.blocks.1.mlp.up.lora_up.weight",
+     "blocks.1.mlp.up.weight"),
+    ("lora_transformer_transformer_blocks_1_ff_down.lora_down.weight",
+     "lora_transformer_transformer_blocks_1_ff_down.lora_up.weight", "blocks.1.mlp.down.weight"),
+    ("lora_unet_txtfusion_refiner_blocks_1_attn_wv.lora_down.weight",
+     "lora_unet_txtfusion_refiner_blocks_1_attn_wv.lora_up.weight", "txtfusion.refiner_blocks.1.attn.wv.weight"),
+    ("lora_unet_text_fusion_layerwise_blocks_0_ff_gate.lora_down.weight",
+     "lora_unet_text_fusion_layerwise_blocks_0_ff_gate.lora_up.weight", "txtfusion.layerwise_blocks.0.mlp.gate.weight"),
+    ("lycoris_time_embed_linear_1.lora_down.weight", "lycoris_time_embed_linear_1.lora_up.weight", "tmlp.0.weight"),
+    ("transformer.time_mod_proj.lora_A.weight", "transformer.time_mod_proj.lora_B.weight", "tproj.1.weight"),
+    ("final_layer.linear.lora_A.weight", "final_layer.linear.lora_B.weight", "last.linear.weight"),
+    ("base_model.model.transformer.txt_in.linear_2.lora_A.weight",
+     "base_model.model.transformer.txt_in.linear_2.lora_B.weight", "txtmlp.3.weight"),
+])
+def test_name_variants(down, up, target):
+    shape = L.names_for(CFG).shapes[target]
+    patches, unmapped = L.parse_lora({down: torch.ones(2, shape[1]), up: torch.ones(shape[0], 2)}, CFG)
+    assert unmapped == [] and [p.key for p in patches] == [target]
+
+
 # -- equivalences ---------------------------------------------------------------------------------------
 
 def _separate_from_fused(tl: TinyLora) -> dict:
