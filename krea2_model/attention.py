@@ -5,6 +5,11 @@ Contract: ``attention(q, k, v, mask=None)`` with ``q (B, H, L, D)``, ``k, v (B, 
 repeat-interleave grouping of the reference). ``mask`` is ``None`` or a boolean key mask
 broadcastable to ``(B, 1, 1, L)`` (True = attend). Returns ``(B, L, H*D)``.
 
+``is_causal=True`` (keyword only; the Qwen3-VL text tower) adds the causal constraint: query ``i``
+attends keys ``j <= i`` (and the key mask, if any). A host backend set with
+:func:`set_attention_backend` keeps its 4-argument signature: for causal calls it receives the
+combined boolean mask ``(B or 1, 1, L, L)`` instead of a flag.
+
 A host can swap the backend with :func:`set_attention_backend` (ComfyUI's optimized attention,
 for example); the default is PyTorch SDPA.
 """
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 _backend = None
+_sdpa_gqa = [True]  # emptied when this torch's SDPA has no enable_gqa
 
 
 def set_attention_backend(fn) -> None:
@@ -23,15 +29,40 @@ def set_attention_backend(fn) -> None:
     _backend = fn
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def causal_mask(l: int, device, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean ``(1, 1, L, L)`` lower-triangular mask (True = attend), and-ed with a key mask
+    broadcastable to ``(B, 1, 1, L)`` when given (result ``(B, 1, L, L)``)."""
+    c = torch.ones(l, l, dtype=torch.bool, device=device).tril_().view(1, 1, l, l)
+    return c if mask is None else c & mask.to(device=device, dtype=torch.bool)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                   is_causal: bool = False) -> torch.Tensor:
     b, h, l, d = q.shape
     hkv = k.shape[1]
+    if is_causal:
+        out = None
+        if mask is None and h == hkv:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif mask is None and _sdpa_gqa:
+            try:  # torch >= 2.5: K/V heads shared in the kernel, and the causal flag stays fast
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            except TypeError:
+                _sdpa_gqa.clear()
+        if out is not None:
+            return out.transpose(1, 2).reshape(b, l, h * d)
+        # Stacked GQA query rows (below) are no longer aligned with their key positions, so SDPA's
+        # own causal flag would be wrong there: give the causal constraint as an explicit mask.
+        mask = causal_mask(l, q.device, mask)
     if h != hkv:
         # Grouped-query attention without materialising repeated K/V: the `rep` query heads that
         # share one K/V head are stacked along the sequence axis, so every SDPA kernel sees plain
         # multi-head attention with Hkv heads. Rows of a softmax are independent, so this is exact.
         rep = h // hkv
         qg = q.reshape(b, hkv, rep * l, d)
+        if mask is not None and mask.shape[-2] != 1:
+            # a per-query mask (..., L, L) must follow its rows into the stacked (rep*L) layout
+            mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], rep, l, mask.shape[-1]).flatten(-3, -2)
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
         out = out.view(b, hkv, rep, l, d).view(b, h, l, d)
     else:
@@ -39,8 +70,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out.transpose(1, 2).reshape(b, l, h * d)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+              is_causal: bool = False) -> torch.Tensor:
     """See the module docstring for the contract."""
     if _backend is not None:
+        if is_causal:
+            return _backend(q, k, v, causal_mask(q.shape[2], q.device, mask))
         return _backend(q, k, v, mask)
-    return sdpa_attention(q, k, v, mask)
+    return sdpa_attention(q, k, v, mask, is_causal=is_causal)

@@ -23,6 +23,11 @@ class NotKrea2Error(Krea2Error):
     """A readable file whose tensors belong to another model."""
 
 
+class WrongTextEncoderError(NotKrea2Error):
+    """A readable file that is not the Qwen3-VL language tower Krea 2 needs (another Qwen, a vision tower
+    alone, not a text model at all); the message says what it looks like."""
+
+
 class MissingTensorsError(Krea2Error):
     """A Krea 2 file that lacks tensors the model needs."""
 

@@ -1,0 +1,193 @@
+"""The Qwen3-VL language tower (text only) that Krea 2 taps for its conditioning.
+
+Architecture (``Qwen3VLTextModel`` of ``transformers``): token embedding, ``layers`` pre-norm decoder
+layers (grouped-query causal self-attention with per-head RMSNorm on q and k, rotary embedding,
+SwiGLU MLP), final RMSNorm. Qwen3-VL-4B: hidden 2560, 36 layers, 32 query / 8 key-value heads of
+128, MLP 9728, vocabulary 151936, RMSNorm eps 1e-6, rope theta 5e6.
+
+Qwen3-VL uses interleaved multimodal RoPE (mRoPE, sections 24/20/20 over the time, height and width
+axes). For text all three position axes are equal, so every frequency sees the same position and
+mRoPE is exactly ordinary 1-D RoPE in the "rotate half" layout; that is what is implemented here.
+
+Module attribute names are the canonical checkpoint names (``embed_tokens``,
+``layers.N.self_attn.q_proj``, ``layers.N.self_attn.q_norm``, ``layers.N.mlp.gate_proj``,
+``layers.N.input_layernorm``, ``layers.N.post_attention_layernorm``, ``norm``), i.e. a text-only
+Qwen3 file's keys without their ``model.`` prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .layers import cast_param, ops_or_default
+
+#: Krea 2's taps: HF ``hidden_states`` indices (0 = embedding output) of Qwen3-VL-4B.
+DEFAULT_TAPS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
+
+
+@dataclass(frozen=True)
+class Qwen3TextConfig:
+    """Sizes of the language tower. Defaults are Qwen3-VL-4B's."""
+    hidden: int = 2560
+    layers: int = 36
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    mlp_hidden: int = 9728
+    vocab: int = 151936
+    eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+
+
+class QwenRMSNorm(nn.Module):
+    """Qwen's RMSNorm: ``y = weight * (x / rms(x))``, normalised in float32, cast back to ``x.dtype``
+    before the weight multiplies (as ``transformers`` does). Not zero-centred: the weight multiplies
+    directly (unlike Krea's ``1 + scale`` norm in :mod:`.layers`). Parameter key ``weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return cast_param(self.weight, y) * y
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each ``(L, head_dim)`` in ``dtype``, for integer ``positions (L,)``.
+
+    Angles are computed in float32 (``inv_freq = theta ** -(2i / D)``) and duplicated over both halves
+    of the head (the "rotate half" layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x (B, H, L, D)`` and tables ``(L, D)`` in ``x.dtype``,
+    where ``rotate_half([a, b]) = [-b, a]`` over the two halves of the head."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-b, a), dim=-1) * sin
+
+
+class Qwen3Attention(nn.Module):
+    """Causal GQA self-attention with q/k RMSNorm over the head dimension and RoPE.
+
+    Keys: ``q_proj (H*D, C)``, ``k_proj``/``v_proj (Hkv*D, C)``, ``o_proj (C, H*D)``,
+    ``q_norm``/``k_norm (D,)``. No biases."""
+
+    def __init__(self, cfg: Qwen3TextConfig, dtype=None, device=None, operations=None):
+        super().__init__()
+        ops = ops_or_default(operations)
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        c, d = cfg.hidden, cfg.head_dim
+        self.q_proj = ops.Linear(c, cfg.heads * d, bias=False, dtype=dtype, device=device)
+        self.k_proj = ops.Linear(c, cfg.kv_heads * d, bias=False, dtype=dtype, device=device)
+        self.v_proj = ops.Linear(c, cfg.kv_heads * d, bias=False, dtype=dtype, device=device)
+        self.o_proj = ops.Linear(cfg.heads * d, c, bias=False, dtype=dtype, device=device)
+        self.q_norm = QwenRMSNorm(d, cfg.eps, dtype=dtype, device=device)
+        self.k_norm = QwenRMSNorm(d, cfg.eps, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x (B, L, C)``, ``rope`` = ``(cos, sin)`` from :func:`rope_tables` -> ``(B, L, C)``."""
+        b, l, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, l, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, l, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = apply_rope_half(q, cos, sin)
+        k = apply_rope_half(k, cos, sin)
+        out = attention(q.contiguous(), k.contiguous(), v.contiguous(), None, is_causal=True)
+        return self.o_proj(out)
+
+
+class Qwen3MLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, cfg: Qwen3TextConfig, dtype=None, device=None, operations=None):
+        super().__init__()
+        ops = ops_or_default(operations)
+        self.gate_proj = ops.Linear(cfg.hidden, cfg.mlp_hidden, bias=False, dtype=dtype, device=device)
+        self.up_proj = ops.Linear(cfg.hidden, cfg.mlp_hidden, bias=False, dtype=dtype, device=device)
+        self.down_proj = ops.Linear(cfg.mlp_hidden, cfg.hidden, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: Qwen3TextConfig, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg, dtype=dtype, device=device, operations=operations)
+        self.mlp = Qwen3MLP(cfg, dtype=dtype, device=device, operations=operations)
+        self.input_layernorm = QwenRMSNorm(cfg.hidden, cfg.eps, dtype=dtype, device=device)
+        self.post_attention_layernorm = QwenRMSNorm(cfg.hidden, cfg.eps, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3TextModel(nn.Module):
+    """The Qwen3-VL language tower, returning hidden states at tap indices.
+
+    Tap ``t`` is the HF ``hidden_states[t]``: 0 = embedding output, ``t`` = output of decoder layer
+    ``t - 1``. Every tap is taken *before* the final norm (for ``t = layers`` HF's last entry is the
+    normed state; ours is not). Layers after the deepest tap are never run.
+    """
+
+    def __init__(self, cfg: Qwen3TextConfig, dtype=None, device=None, operations=None):
+        super().__init__()
+        ops = ops_or_default(operations)
+        self.config = cfg
+        emb_cls = getattr(ops, "Embedding", nn.Embedding)
+        self.embed_tokens = emb_cls(cfg.vocab, cfg.hidden, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, dtype=dtype, device=device, operations=operations)
+                                    for _ in range(cfg.layers))
+        self.norm = QwenRMSNorm(cfg.hidden, cfg.eps, dtype=dtype, device=device)
+
+    def check_taps(self, taps: Sequence[int]) -> tuple[int, ...]:
+        taps = tuple(int(t) for t in taps)
+        if not taps:
+            raise ValueError("taps must name at least one hidden state")
+        bad = [t for t in taps if t < 0 or t > self.config.layers]
+        if bad:
+            raise ValueError(f"tap indices {bad} are outside 0..{self.config.layers}: this text encoder has "
+                             f"{self.config.layers} layers (tap 0 is the embedding output). Krea 2 needs Qwen3-VL-4B "
+                             f"(36 layers, taps {DEFAULT_TAPS[0]}..{DEFAULT_TAPS[-1]}).")
+        return taps
+
+    def forward(self, input_ids: torch.Tensor, taps: Sequence[int] = DEFAULT_TAPS,
+                positions: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+        """``input_ids (B, L)`` int -> ``(B, L, len(taps) * hidden)``, layer-major per token (token ``l``
+        holds tap 0's ``hidden`` values, then tap 1's, ...).
+
+        ``positions (L,)`` are the RoPE positions (default ``0..L-1``). Every token attends causally to
+        every earlier token: feed real tokens only, no padding. ``dtype`` is the compute dtype
+        (default: the embedding's)."""
+        taps = self.check_taps(taps)
+        deepest = max(taps)
+        x = self.embed_tokens(input_ids)
+        if dtype is not None:
+            x = x.to(dtype)
+        l = input_ids.shape[1]
+        if positions is None:
+            positions = torch.arange(l, device=x.device)
+        rope = rope_tables(positions.to(x.device), self.config.head_dim, self.config.rope_theta, x.dtype)
+        got = {0: x} if 0 in taps else {}
+        for i in range(deepest):
+            x = self.layers[i](x, rope)
+            if i + 1 in taps:
+                got[i + 1] = x
+        return torch.cat([got[t] for t in taps], dim=-1)

@@ -1,0 +1,352 @@
+"""Krea 2's text encoder: Qwen3-VL language-tower files in every layout, and prompt encoding.
+
+Accepted files (the vision tower and ``lm_head`` are ignored when present):
+
+* ComfyUI's full Qwen3-VL files (``qwen3vl_4b_bf16``, ``qwen3vl_4b_fp8_scaled``) and HF's naming in one file:
+  ``model.language_model.layers.N...``, ``model.visual.*``, ``lm_head.weight``;
+* text-only Qwen3-VL files: ``model.layers.N...``/``model.embed_tokens.weight`` (or no prefix at all);
+* HF folders: ``model-0000X-of-0000Y.safetensors`` + ``model.safetensors.index.json`` (+ ``config.json``,
+  whose ``rms_norm_eps`` and ``rope_theta`` are used).
+
+Canonical keys are the module names of :class:`~krea2_model.qwen3.Qwen3TextModel` (a text-only
+file's keys without ``model.``). Anything else is refused with a message saying what the file is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from .errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, WrongTextEncoderError, first_names
+from .prompt import MAX_TOKENS, PromptIds, QwenTokenizer, build_prompt_ids, find_tokenizer
+from .qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
+from .safetensors_io import TensorSource, open_source
+
+log = logging.getLogger("krea2")
+
+_ANCHOR = "layers.0.self_attn.q_proj.weight"
+QUANT_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant",
+                  ".weight_scale_2", ".pre_quant_scale")
+MARKER_KEYS = ("scaled_fp8",)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+__all__ = ["DEFAULT_TAPS", "Encoding", "Krea2TextEncoder", "TextCheckpoint", "load_text_encoder", "load_text_model",
+           "find_tower_prefix", "describe_text_foreign"]
+
+
+def _is_vision(key: str) -> bool:
+    return key.startswith(("visual.", "model.visual.", "vision_tower.", "model.vision_tower.", "vision_model."))
+
+
+def find_tower_prefix(keys) -> str | None:
+    """The prefix before ``layers.0.self_attn.q_proj.weight`` of the language tower (``''``,
+    ``'model.'``, ``'model.language_model.'``, ...), preferring one with ``embed_tokens``; None if absent."""
+    keys = set(keys)
+    found = sorted({k[:-len(_ANCHOR)] for k in keys if k.endswith(_ANCHOR) and not _is_vision(k)
+                    and (k == _ANCHOR or k[:-len(_ANCHOR)].endswith("."))}, key=len)
+    with_emb = [p for p in found if p + "embed_tokens.weight" in keys]
+    return (with_emb or found or [None])[0]
+
+
+def describe_text_foreign(keys, where: str = "checkpoint", config: dict | None = None) -> str | None:
+    """A sentence saying what a file that is not a Qwen3-VL language tower looks like; None if it is one
+    (as far as its keys tell)."""
+    keys = list(keys)
+    ks = set(keys)
+    joined = " ".join(keys[:4000])
+    tail = (" Krea 2 needs the Qwen3-VL-4B text encoder (ComfyUI's qwen3vl_4b_bf16 / qwen3vl_4b_fp8_scaled, a "
+            "text-only export of it, or the Qwen/Qwen3-VL-4B-Instruct folder) in models/text_encoders.")
+    sample = f" {len(keys)} tensors, e.g. {first_names(keys, 3)}."
+    mt = (config or {}).get("model_type")
+    if mt and mt not in ("qwen3_vl", "qwen3_vl_text"):
+        return f"{where}: config.json says model_type '{mt}', not Qwen3-VL: another model ({mt}).{tail}"
+    prefix = find_tower_prefix(keys)
+    if prefix is None:
+        if any("linear_attn." in k for k in keys):
+            return f"{where}: this is another Qwen: Qwen3.5 (hybrid linear-attention layers), not Qwen3-VL.{sample}{tail}"
+        if keys and all(_is_vision(k) for k in keys):
+            return (f"{where}: this is a vision tower only (image encoder tensors, no language model), so it cannot "
+                    f"encode text.{sample}{tail}")
+        guesses = [
+            ("txtfusion." in joined or "text_fusion." in joined, "a Krea 2 transformer (load it with Krea2ModelLoader "
+                                                                   "from models/diffusion_models)"),
+            ("text_model.encoder.layers." in joined, "a CLIP text encoder"),
+            ("encoder.block." in joined and "SelfAttention" in joined, "a T5 text encoder"),
+            ("double_blocks." in joined, "a Flux-family transformer"),
+            ("transformer_blocks." in joined and "img_mod." in joined, "a Qwen-Image transformer"),
+            ("input_blocks." in joined or "down_blocks." in joined, "a UNet (Stable Diffusion family)"),
+            ("encoder.down." in joined or "decoder.up." in joined or "decoder.conv_in" in joined, "a VAE"),
+            ("lora_" in joined or "lora_A" in joined, "a LoRA"),
+            ("layers.0." in joined and "attn" in joined, "a language model of another architecture"),
+        ]
+        what = next((g for ok, g in guesses if ok), None)
+        return (f"{where}: this is not a Qwen text model: it has no language-model layers "
+                f"('...layers.0.self_attn.q_proj.weight').{(' It looks like ' + what + '.') if what else ''}"
+                f"{sample}{tail}")
+    a = prefix + "layers.0."
+    if a + "self_attn.k_proj.bias" in ks:
+        return (f"{where}: this is another Qwen: Qwen2 / Qwen2.5(-VL) (attention biases, no q/k norm; the text encoder "
+                f"of Qwen-Image and others), not Qwen3-VL.{sample}{tail}")
+    if a + "post_feedforward_layernorm.weight" in ks:
+        return f"{where}: this is a Gemma language model, not Qwen3-VL.{sample}{tail}"
+    if any(k.startswith(a + "mlp.experts.") or k.startswith(a + "mlp.gate.") for k in keys):
+        return f"{where}: this is a mixture-of-experts Qwen3 model, not the dense Qwen3-VL-4B.{sample}{tail}"
+    if a + "self_attn.q_norm.weight" not in ks:
+        return (f"{where}: this language model has no q/k norm, so it is not Qwen3 (a Llama / Mistral-style model?)."
+                f"{sample}{tail}")
+    return None
+
+
+def _count(keys, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
+
+
+def _read_hf_config(source) -> dict:
+    """``config.json`` of an HF folder as a flat dict of the text tower's settings (``{}`` if none)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return {}
+    p = os.path.join(os.fspath(source), "config.json")
+    if not os.path.isfile(p):
+        return {}
+    try:
+        with open(p, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NotKrea2Error(f"{p}: unreadable config.json ({e}).")
+    text = dict(cfg.get("text_config") or {})
+    text["model_type"] = cfg.get("model_type") or text.get("model_type")
+    for k in ("rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling"):
+        if k not in text and k in cfg:
+            text[k] = cfg[k]
+    return text
+
+
+def infer_text_config(shapes: dict, where: str = "checkpoint", hf: dict | None = None) -> Qwen3TextConfig:
+    """A :class:`Qwen3TextConfig` from canonical ``{key: shape}``; eps and rope theta from ``hf`` (an HF
+    ``config.json``'s text settings) when given, else Qwen3-VL-4B's. Head size comes from ``q_norm``."""
+    def need(key):
+        if key not in shapes:
+            raise MissingTensorsError(f"{where}: the text-encoder tensor '{key}' is missing, so the model size cannot "
+                                      "be inferred. The file is incomplete; download it again.")
+        return shapes[key]
+
+    hf = hf or {}
+    vocab, hidden = need("embed_tokens.weight")
+    head_dim = need("layers.0.self_attn.q_norm.weight")[0]
+    theta = hf.get("rope_theta")
+    for k in ("rope_parameters", "rope_scaling"):
+        if theta is None and isinstance(hf.get(k), dict):
+            theta = hf[k].get("rope_theta")
+    cfg = Qwen3TextConfig(
+        hidden=hidden, layers=_count(shapes, r"^layers\.(\d+)\."), heads=need("layers.0.self_attn.q_proj.weight")[0] // head_dim,
+        kv_heads=need("layers.0.self_attn.k_proj.weight")[0] // head_dim, head_dim=head_dim,
+        mlp_hidden=need("layers.0.mlp.gate_proj.weight")[0], vocab=vocab,
+        eps=float(hf.get("rms_norm_eps", Qwen3TextConfig.eps)),
+        rope_theta=float(theta if theta is not None else Qwen3TextConfig.rope_theta))
+    if cfg.head_dim % 2 or cfg.heads == 0 or cfg.kv_heads == 0 or cfg.heads % cfg.kv_heads:
+        raise ShapeMismatchError(f"{where}: inferred head size {cfg.head_dim} with {cfg.heads} query / {cfg.kv_heads} "
+                                 "key-value heads does not fit Qwen3 (even head size, query heads a multiple of "
+                                 "key-value heads).")
+    return cfg
+
+
+def expected_text_shapes(cfg: Qwen3TextConfig) -> dict:
+    with torch.device("meta"):
+        m = Qwen3TextModel(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+class TextCheckpoint:
+    """A text-encoder file seen through canonical names: ``keys()``, ``shape(k)``, ``load(k)``
+    (dequantised by :meth:`load`'s caller, see :func:`load_text_model`), ``config``, ``layout``
+    (``'full'`` when a vision tower is present, ``'hf-folder'``, ``'text'``), ``prefix``, ``ignored``."""
+
+    def __init__(self, source):
+        self.src: TensorSource = open_source(source)
+        self.where = self.src.where
+        keys = list(self.src.keys())
+        hf = _read_hf_config(source)
+        msg = describe_text_foreign(keys, self.where, hf)
+        if msg:
+            raise WrongTextEncoderError(msg)
+        self.prefix = find_tower_prefix(keys)
+        has_vision = any(_is_vision(k) for k in keys)
+        self.layout = "hf-folder" if hf or (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)) \
+            else ("full" if has_vision else "text")
+        self.keymap, self.aux, ignored = {}, {}, []
+        n = len(self.prefix)
+        for k in keys:
+            if k in MARKER_KEYS:
+                self.aux[k] = k
+            elif k.startswith(self.prefix) and not _is_vision(k):
+                c = k[n:]
+                (self.aux if c.endswith(QUANT_SUFFIXES) else self.keymap)[c] = k
+            else:
+                ignored.append(k)
+        shapes = {c: self.src.shape(s) for c, s in self.keymap.items()}
+        self.config = infer_text_config(shapes, self.where, hf)
+        want = expected_text_shapes(self.config)
+        missing = [k for k in want if k not in shapes]
+        if missing:
+            raise MissingTensorsError(
+                f"{self.where}: {len(missing)} of the {len(want)} text-encoder tensors are missing (first: "
+                f"{first_names([self.prefix + m for m in missing])}). The file is incomplete or a partial export; "
+                "download the full checkpoint.")
+        for k, shp in want.items():
+            if shapes[k] != shp:
+                raise ShapeMismatchError(
+                    f"{self.where}: tensor '{self.keymap[k]}' has shape {list(shapes[k])}, expected {list(shp)} for the "
+                    f"text-encoder size inferred from the rest of the file (hidden {self.config.hidden}, head size "
+                    f"{self.config.head_dim}, {self.config.heads}/{self.config.kv_heads} heads). The file mixes "
+                    "tensors of different models or is corrupt.")
+        self.ignored = ignored + [self.keymap[k] for k in shapes if k not in want]
+        self._shapes = {k: shapes[k] for k in want}
+
+    def keys(self):
+        return list(self._shapes)
+
+    def shape(self, k):
+        return self._shapes[k]
+
+    def load(self, k) -> torch.Tensor:
+        return self.src[self.keymap[k]]
+
+    def quant_format(self, k) -> str | None:
+        """The ``comfy_quant`` format of weight ``k`` (e.g. ``'float8_e4m3fn'``), if the file says one."""
+        q = k.rsplit(".", 1)[0] + ".comfy_quant"
+        if q not in self.aux:
+            return None
+        try:
+            return json.loads(bytes(self.src[self.aux[q]].tolist()).decode("utf-8")).get("format")
+        except Exception:
+            return "unreadable"
+
+    def quant_scale(self, k):
+        base = k.rsplit(".", 1)[0]
+        for suf in (".scale_weight", ".weight_scale"):
+            if base + suf in self.aux:
+                return self.src[self.aux[base + suf]]
+        return None
+
+    def dequantized(self, k: str, keep_fp8: bool = False) -> torch.Tensor:
+        """Tensor ``k``; fp8 weights times their per-tensor scale (float32) unless ``keep_fp8`` and unscaled."""
+        t = self.load(k)
+        fmt = self.quant_format(k)
+        if fmt is not None and fmt not in ("float8_e4m3fn", "float8_e5m2"):
+            raise NotKrea2Error(f"{self.where}: '{self.keymap[k]}' is stored in ComfyUI's '{fmt}' quantization, which "
+                                "the Krea 2 text-encoder loader does not read. Use qwen3vl_4b_bf16 or "
+                                "qwen3vl_4b_fp8_scaled.")
+        scale = self.quant_scale(k) if t.dtype in _FP8 or t.dtype == torch.int8 else None
+        if t.dtype in _FP8 or scale is not None:
+            if keep_fp8 and scale is None and t.dtype in _FP8:
+                return t
+            if scale is not None and scale.numel() not in (1, t.shape[0]):
+                raise NotKrea2Error(f"{self.where}: '{self.keymap[k]}' has a block-wise scale of shape "
+                                    f"{list(scale.shape)}, which this loader does not read. Use qwen3vl_4b_bf16 or "
+                                    "qwen3vl_4b_fp8_scaled.")
+            t = t.to(torch.float32)
+            if scale is not None:
+                s = scale.to(torch.float32)
+                t = t * (s.reshape(-1, *([1] * (t.ndim - 1))) if s.numel() > 1 else s.reshape(()))
+        return t
+
+
+def _set_tensor(model: torch.nn.Module, key: str, t: torch.Tensor) -> None:
+    mod_name, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    mod._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+
+
+def load_text_model(source, *, dtype=None, device="cpu", operations=None,
+                    progress: Callable[[int, int], None] | None = None) -> Qwen3TextModel:
+    """Any accepted layout -> :class:`Qwen3TextModel` in eval mode.
+
+    ``dtype`` None keeps each weight's stored floating dtype (fp8/int8 weights become bf16). Tensors stream
+    from the file one at a time; the vision tower and ``lm_head`` are never read."""
+    ck = source if isinstance(source, TextCheckpoint) else TextCheckpoint(source)
+    if ck.ignored:
+        log.info("Krea 2: %s: text tower at '%s' (%d layers, hidden %d); %d other tensors ignored (vision tower, "
+                 "lm_head, ...): %s", ck.where, ck.prefix, ck.config.layers, ck.config.hidden, len(ck.ignored),
+                 first_names(ck.ignored, 4))
+    with torch.device("meta"):
+        model = Qwen3TextModel(ck.config, dtype=dtype, operations=operations)
+    params = dict(model.named_parameters())
+    keys = ck.keys()
+    for i, k in enumerate(keys):
+        stored = ck.src.dtype(ck.keymap[k]) or torch.float32
+        if dtype is not None:
+            target = params[k].dtype  # what the (host's) modules were built to store
+        else:
+            target = stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
+        t = ck.dequantized(k, keep_fp8=target in _FP8)
+        _set_tensor(model, k, t.to(device=device, dtype=target))
+        if progress:
+            progress(i + 1, len(keys))
+    model.eval()
+    return model
+
+
+class Encoding(NamedTuple):
+    """``cond (1, tokens, len(taps) * hidden)``: layer-major per token, real tokens only (kept prompt tokens
+    then the 5 suffix tokens); ``tokens``: that row count; ``prompt_tokens_total``: before truncation."""
+    cond: torch.Tensor
+    tokens: int
+    prompt_tokens_total: int
+
+
+class Krea2TextEncoder:
+    """Qwen3-VL taps for Krea 2: ``model`` (:class:`Qwen3TextModel`) + ``tokenizer`` (:class:`QwenTokenizer`)."""
+
+    def __init__(self, model: Qwen3TextModel, tokenizer: QwenTokenizer, where: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.where = where
+
+    @property
+    def config(self) -> Qwen3TextConfig:
+        return self.model.config
+
+    def prompt_ids(self, text: str, max_tokens: int = MAX_TOKENS) -> PromptIds:
+        """The real-token ids of ``text`` in Krea 2's template (see :func:`~krea2_model.prompt.build_prompt_ids`)."""
+        return build_prompt_ids(self.tokenizer, text, max_tokens)
+
+    @torch.no_grad()
+    def encode(self, text: str, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
+               device=None, dtype=None) -> Encoding:
+        """``text`` -> :class:`Encoding` ``(cond (1, n, len(taps) * hidden), n, prompt_tokens_total)``.
+
+        ``n`` = kept prompt tokens (at most ``max_tokens - 5``; a warning gives the count when the prompt is
+        cut) + 5 suffix tokens. Rows equal the reference's padded encoding at its real tokens.
+        ``device``/``dtype``: where and in what to compute (default: the embedding weight's)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, not {type(text).__name__}")
+        p = self.prompt_ids(text, max_tokens)
+        w = self.model.embed_tokens.weight
+        dev = device if device is not None else (w.device if w.device.type != "meta" else "cpu")
+        if max(p.ids) >= self.config.vocab:
+            raise ShapeMismatchError(f"{self.where}: the tokenizer gives token id {max(p.ids)} but the text encoder's "
+                                     f"vocabulary has {self.config.vocab} entries: tokenizer and model do not belong "
+                                     "together.")
+        ids = torch.tensor([p.ids], dtype=torch.long, device=dev)
+        h = self.model(ids, taps, dtype=dtype)
+        return Encoding(h[:, p.prefix_len:], p.real_tokens, p.prompt_tokens_total)
+
+
+def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", operations=None,
+                      progress: Callable[[int, int], None] | None = None) -> Krea2TextEncoder:
+    """Load the Qwen3-VL text tower from ``source`` (a ``.safetensors`` file in any accepted layout, an HF
+    folder, or a state dict) and its tokenizer -> :class:`Krea2TextEncoder`.
+
+    ``tokenizer``: a folder / ``tokenizer.json`` / tokenizer object; default: files beside the checkpoint,
+    else the host's ``comfy/text_encoders/qwen25_tokenizer`` (raises :class:`TokenizerNotFoundError`
+    when neither exists). ``dtype``/``device``/``operations`` as :func:`load_text_model`."""
+    ck = TextCheckpoint(source)
+    tok = find_tokenizer(source if isinstance(source, (str, os.PathLike)) else None, tokenizer)
+    model = load_text_model(ck, dtype=dtype, device=device, operations=operations, progress=progress)
+    return Krea2TextEncoder(model, tok, ck.where)
