@@ -30,6 +30,9 @@ Key styles recognised (any mix of them in one file):
   in a LoRA file (``diffusion_model.blocks.0.prenorm.scale``, diffusers ``transformer_blocks.0.scale_shift_table``
   (6, F) for ``blocks.0.mod.lin`` (6F,), ``final_layer.scale_shift_table`` for ``last.modulation.lin``).
 
+A full checkpoint offered as a LoRA (plain weights only, covering most of the model) is refused rather than
+added onto the weights.
+
 Scaling: a low-rank update ``up @ down`` is multiplied by ``scale * alpha / rank`` (``rank`` = rows of
 ``down``; ``alpha`` absent = rank; ``scale`` from the metadata, default 1). LoHa: ``alpha / rows(hada_w1_b)``.
 LoKr: ``alpha / rows(w2_b)`` (else ``rows(w1_b)``) when a factor is low-rank, 1 when both are full (as LyCORIS
@@ -331,9 +334,11 @@ _LOWRANK_ROLES = {"down", "up", "mid", "w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b
 
 # What other architectures' LoRA keys look like (checked on the keys that did not map)
 _FOREIGN = [
-    (("double_blocks", "single_blocks", "single_transformer_blocks", "add_q_proj", "ff_context", "norm1_context",
-      "txt_attn", "img_attn"), "a Flux-family (or HunyuanVideo / SD3-style two-stream) LoRA"),
     (("img_mod", "txt_mod", "img_mlp", "txt_mlp"), "a Qwen-Image LoRA"),
+    (("double_blocks", "single_blocks", "single_transformer_blocks", "ff_context", "norm1_context",
+      "txt_attn", "img_attn"), "a Flux-family (Flux, Chroma, HunyuanVideo) LoRA"),
+    (("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+     "a two-stream MMDiT LoRA (Flux, Qwen-Image or SD3 family)"),
     (("input_blocks", "output_blocks", "middle_block", "down_blocks", "up_blocks", "mid_block"),
      "a Stable Diffusion 1.x / 2.x / XL (UNet) LoRA"),
     (("joint_blocks", "context_block", "x_block"), "an SD3 LoRA"),

@@ -287,6 +287,28 @@ def test_names_agree_with_diffusers_converter(style):
         assert diffusers_to_canonical(dmod + ".weight") == p.key
 
 
+def test_converter_names_are_weights_of_diffusers_model():
+    """diffusers' converter output, merged by name into diffusers' own Krea2Transformer2DModel state dict,
+    equals our merge seen through the checkpoint name map: names and shapes agree end to end."""
+    convert = _diffusers_converter()
+    from diffusers import Krea2Transformer2DModel
+    from krea2_model.tiny import diffusers_config, to_layout
+    sd = random_state_dict(CFG, seed=0)
+    ref_sd = Krea2Transformer2DModel(**diffusers_config(CFG)).state_dict()
+    tl = make_lora(CFG, "comfy", seed=2)
+    merged = dict(to_layout(sd, "diffusers"))
+    for k, v in convert(dict(tl.state_dict)).items():
+        if ".lora_A." in k:
+            mod = k.removeprefix("transformer.").split(".lora_A.")[0]
+            up = convert(dict(tl.state_dict))[k.replace(".lora_A.", ".lora_B.")]
+            assert mod + ".weight" in ref_sd and ref_sd[mod + ".weight"].shape == (up @ v).shape, mod
+            merged[mod + ".weight"] = merged[mod + ".weight"] + up @ v
+    ours = to_layout(L.merge_into(sd, parse(tl)[0]), "diffusers")
+    assert set(ours) == set(merged) == set(ref_sd)
+    for k in ours:
+        assert torch.equal(ours[k], merged[k]), k
+
+
 def test_every_target_module_has_a_diffusers_converter_name():
     convert = _diffusers_converter()
     sd = {}
@@ -393,7 +415,11 @@ def _lr(name, o=8, i=8, kohya=False):
     ({**_lr("transformer.transformer_blocks.0.attn.to_q", 64, 64), **_lr("transformer.transformer_blocks.0.img_mod.1")},
      "Qwen-Image"),
     ({**_lr("transformer.transformer_blocks.0.attn.to_q", 96, 96), **_lr("transformer.transformer_blocks.0.attn.add_q_proj")},
+     "two-stream MMDiT"),
+    ({**_lr("transformer.single_transformer_blocks.0.attn.to_q"), **_lr("transformer.transformer_blocks.0.ff_context.net.0.proj")},
      "Flux"),
+    ({**_lr("transformer.transformer_blocks.0.attn.to_q", 96, 96), **_lr("transformer.transformer_blocks.0.attn.add_q_proj"),
+      **_lr("transformer.transformer_blocks.0.txt_mlp.net.0.proj")}, "Qwen-Image"),
     (_lr("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", kohya=True), "Stable Diffusion"),
     (_lr("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"), "Stable Diffusion"),
     (_lr("diffusion_model.blocks.0.self_attn.q"), "Wan"),
