@@ -201,8 +201,9 @@ def to_comfy_patches(patches, key_prefix: str = "diffusion_model.", *, adapters=
     * ``loha``: ``(w1_a, w1_b, alpha, w2_a, w2_b, None, None, dora_scale)``.
 
     ``scale`` is folded into the first factor, so the host's ``alpha / rank`` convention gives the same delta
-    as :func:`delta`. With ``adapters`` (``{"lora": LoRAAdapter, "lokr": LoKrAdapter, "loha": LoHaAdapter}``)
-    the low-rank entries are built as ``adapters[kind](set(), weights)`` instead of tuples.
+    as :func:`delta`. ComfyUI before ``comfy.weight_adapter`` took these ``(kind, weights)`` tuples as they are;
+    current ComfyUI (0.33) needs adapter objects: pass ``adapters`` (``{"lora": LoRAAdapter, "lokr":
+    LoKrAdapter, "loha": LoHaAdapter}``) and the low-rank entries are built as ``adapters[kind](set(), weights)``.
 
     DoRA: ComfyUI's adapters agree with :func:`apply` for input-column magnitudes ``(1, in)`` only (and not
     when the weight has a single output row); for output-row ones they normalise by the *base* weight's norm (or fail on PEFT's ``(out,)``). So with
