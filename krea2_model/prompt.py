@@ -87,6 +87,8 @@ def _added_tokens(folder: str, vocab: dict) -> list[tuple[int, dict]]:
         except (OSError, ValueError) as e:
             raise TokenizerNotFoundError(f"{cfg}: unreadable tokenizer config ({e}).")
     if not added:  # Qwen's three chat/pad tokens follow the BPE vocabulary
+        if "\u0120the" not in vocab:  # "Ġthe": byte-level BPE with Qwen/GPT-2 word starts (not CLIP's "the</w>")
+            raise TokenizerNotFoundError(f"{folder}: vocab.json is not a byte-level BPE vocabulary like Qwen's.")
         n = len(vocab)
         added = [(n + i, {"content": t, "special": True}) for i, t in enumerate((ENDOFTEXT, IM_START, IM_END))]
     return added
@@ -99,25 +101,34 @@ def tokenizer_from_vocab(folder: str):
     from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
-    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
+    try:
+        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerNotFoundError(f"{folder}: unreadable vocab.json ({e}).") from None
     merges = []
     with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
         for line in f:
             line = line.rstrip("\r\n")
             if not line or line.startswith("#version"):
                 continue
-            a, b = line.split(" ")
-            merges.append((a, b))
-    tok = tk.Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                           end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise TokenizerNotFoundError(f"{folder}: merges.txt line {line!r} is not 'left right'.")
+            merges.append((parts[0], parts[1]))
+    added = _added_tokens(folder, vocab)
+    try:
+        tok = tk.Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise TokenizerNotFoundError(f"{folder}: vocab.json and merges.txt do not form a BPE tokenizer ({e}).") from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    for i, spec in _added_tokens(folder, vocab):
+    for i, spec in added:
         t = AddedToken(spec["content"], single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
                        rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", False),
                        special=spec.get("special", True))

@@ -63,6 +63,21 @@ def test_taps_equal_transformers_hidden_states(name, taps):
         assert rel(g, want[t]) <= 1e-5, t
 
 
+def test_bf16_close_to_transformers_bf16():
+    cfg = CONFIGS["tiny"]
+    sd = random_state_dict(cfg, seed=11)
+    ref = hf_text_model(cfg, sd).to(torch.bfloat16)
+    ours = load_text_model({k: v.to(torch.bfloat16) for k, v in sd.items()})
+    assert ours.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, cfg.vocab, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(input_ids=ids, output_hidden_states=True).hidden_states
+        got = split_taps(ours(ids, (2, 5)), 2)
+    assert got[0].dtype == torch.bfloat16
+    for t, g in zip((2, 5), got):
+        assert rel(g, want[t]) <= 2e-2
+
+
 def test_positions_equal_transformers_position_ids():
     """Arbitrary positions (here with a gap): our 1-D RoPE equals HF's mRoPE with equal T/H/W axes."""
     cfg = CONFIGS["tiny"]
@@ -521,6 +536,21 @@ def test_non_qwen_tokenizer_beside_is_skipped(tmp_path, monkeypatch):
     p = write(random_state_dict(CONFIGS["tiny"]), str(d / "te.safetensors"), "text")
     with pytest.raises(TokenizerNotFoundError, match="Skipped: .*not a Qwen chat tokenizer"):
         load_text_encoder(p)
+
+
+def test_vocab_without_config(tmp_path, vocab_only_dir):
+    """vocab.json + merges.txt alone: Qwen's chat tokens follow the vocabulary; a CLIP-style vocabulary is refused."""
+    d = tmp_path / "qwen"
+    d.mkdir()
+    for fn in ("vocab.json", "merges.txt"):
+        (d / fn).write_bytes(open(os.path.join(vocab_only_dir, fn), "rb").read())
+    assert load_tokenizer(str(d)).encode(PREFIX + "a cat") == load_tokenizer(vocab_only_dir).encode(PREFIX + "a cat")
+    c = tmp_path / "clip"
+    c.mkdir()
+    (c / "vocab.json").write_text(json.dumps({"t": 0, "h": 1, "e": 2, "the</w>": 3}))
+    (c / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+    with pytest.raises(TokenizerNotFoundError, match="not a byte-level BPE vocabulary"):
+        load_tokenizer(str(c))
 
 
 def test_host_tokenizer_fallback(tmp_path, monkeypatch, vocab_only_dir):
