@@ -349,6 +349,21 @@ def test_every_layout_gives_identical_tensors(tiny_files):
         assert torch.equal(c, first), layout
 
 
+def test_legacy_scaled_fp8_format(tok_dir):
+    """ComfyUI's older scaled-fp8 files: a ``scaled_fp8`` marker and ``.scale_weight``/``.scale_input``."""
+    cfg = CONFIGS["tiny"]
+    base = random_state_dict(cfg, seed=6)
+    sd = {}
+    for k, v in to_layout(base, "full-fp8", cfg).items():
+        if k.endswith(".comfy_quant"):
+            continue
+        sd[k.replace(".weight_scale", ".scale_weight").replace(".input_scale", ".scale_input")] = v
+    sd["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    m = load_text_model(sd, dtype=torch.float32)
+    for k, v in base.items():
+        assert torch.equal(m.state_dict()[k], v), k
+
+
 def test_default_dtype_keeps_stored_dtype(tiny_files):
     out, paths = tiny_files
     fp8 = load_text_model(paths["full-fp8"])
