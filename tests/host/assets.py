@@ -1,0 +1,86 @@
+"""Tiny generated assets for the host tier, under the file names the example workflows use.
+
+The transformer and text encoder are tiny but keep Krea 2's interfaces: 12 taps of a 36-layer
+Qwen3-VL-shaped tower with Qwen's full 151936-token vocabulary (so the host's real Qwen tokenizer
+works), and a transformer whose text fusion reads those 12 taps. The VAE is a tiny random Wan 2.1
+VAE built by the host's own code (``comfy.ldm.wan.vae``), since core's VAELoader must detect it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+
+import torch
+
+from krea2_model import Krea2Config
+from krea2_model.qwen3 import Qwen3TextConfig
+from krea2_model import tiny, tiny_text
+
+HOST_CFG = Krea2Config(hidden=64, heads=4, kv_heads=1, head_dim=16, mlp_hidden=96, layers=2, time_dim=32,
+                       text_dim=32, text_taps=12, text_heads=2, text_kv_heads=2, text_head_dim=16, text_mlp_hidden=64)
+HOST_TEXT_CFG = Qwen3TextConfig(hidden=32, layers=36, heads=2, kv_heads=1, head_dim=16, mlp_hidden=64, vocab=151936)
+
+TURBO = "krea2_turbo_bf16.safetensors"
+RAW = "krea2_raw_bf16.safetensors"
+TEXT = "qwen3vl_4b_bf16.safetensors"
+VAE = "qwen_image_vae.safetensors"
+LORA = "krea2_style_lora.safetensors"            # the LoRA example's file name (native names)
+LORA_DIFFUSERS = "krea2_style_lora_diffusers.safetensors"  # the same LoRA in diffusers names
+LORA_FUSED = "krea2_fused_qkv_lora.safetensors"  # LyCORIS with fused qkv
+
+_VAE_SCRIPT = textwrap.dedent("""
+    import math, sys, torch
+    out, root = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, root)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    from comfy.ldm.wan.vae import WanVAE
+    from safetensors.torch import save_file
+    m = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+               temperal_downsample=[False, True, True], dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in m.state_dict().items():  # the host builds it uninitialised: fill every tensor
+        if k.endswith("gamma"):
+            sd[k] = torch.ones(v.shape)
+        elif k.endswith("bias"):
+            sd[k] = torch.zeros(v.shape)
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(max(1, v[0].numel()))
+    save_file(sd, out)
+""")
+
+
+def transformer_state(seed: int) -> dict:
+    return tiny.random_state_dict(HOST_CFG, seed)
+
+
+def text_state(seed: int = 0) -> dict:
+    return tiny_text.random_state_dict(HOST_TEXT_CFG, seed)
+
+
+def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
+    """Write every asset under ``models_dir/{diffusion_models,text_encoders,vae,loras}``; returns their paths."""
+    paths = {}
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
+        os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
+    paths["turbo"] = tiny.write(transformer_state(1), os.path.join(models_dir, "diffusion_models", TURBO), "comfy")
+    paths["raw"] = tiny.write(transformer_state(2), os.path.join(models_dir, "diffusion_models", RAW), "original")
+    paths["text"] = tiny_text.write(text_state(0), os.path.join(models_dir, "text_encoders", TEXT), "full",
+                                    HOST_TEXT_CFG)
+    from safetensors.torch import save_file
+    from krea2_model import tiny_lora
+    for key, name, style in (("lora", LORA, "comfy"), ("lora_diffusers", LORA_DIFFUSERS, "diffusers"),
+                             ("lora_fused", LORA_FUSED, "lycoris-fused")):
+        lo = tiny_lora.make_lora(HOST_CFG, style, seed=7, rank=4)
+        paths[key] = os.path.join(models_dir, "loras", name)
+        save_file({k: v.clone().contiguous() for k, v in lo.state_dict.items()}, paths[key], metadata=lo.metadata or None)
+    paths["vae"] = os.path.join(models_dir, "vae", VAE)
+    r = subprocess.run([host_python, "-c", _VAE_SCRIPT, paths["vae"], comfy_root], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"could not build the tiny Wan VAE with the host's code:\n{r.stderr[-3000:]}")
+    return paths

@@ -1,0 +1,310 @@
+"""The nodes in a real ComfyUI (started headless by the tests), on every host found.
+
+Every API-format example workflow runs through /prompt to a saved image on tiny generated assets;
+the graph's final latent equals a plain Euler loop over krea2_model; bad inputs fail with clear
+node errors; LoRAs through a real graph equal merging their deltas by hand.
+"""
+
+import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfy_host import PACK_DIRNAME
+from tests.host import assets as A
+from tests.ui_to_api import WIDGETS
+
+pytestmark = pytest.mark.host
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+API_DIR = os.path.join(ROOT, "example_workflows", "api")
+OUR_NODES = {
+    "Krea2ModelLoader": ["model_name", "weight_dtype"],
+    "Krea2TextEncoderLoader": ["text_encoder_name"],
+    "Krea2TextEncode": ["clip", "text"],
+    "Krea2ModelSampling": ["model", "variant", "width", "height"],
+    "Krea2LoraLoader": ["model", "lora_name", "strength"],
+}
+SIZE = 128  # pixels: 16x16 latent, 64 image tokens on the tiny model
+
+
+@pytest.fixture
+def h(any_host):
+    """Each available host, with the tiny assets written into its models folder."""
+    host = any_host
+    if not getattr(host, "_krea2_assets", None):
+        host._krea2_assets = A.make_assets(str(host.models_dir), host.python, str(host.comfy_dir))
+        host.root = str(host.comfy_dir)
+        host.pack_dir = str(host.custom_nodes_dir / PACK_DIRNAME)
+    return host
+
+
+def load_api(name):
+    return json.load(open(os.path.join(API_DIR, name)))
+
+
+def nodes_of(wf, cls):
+    return [(k, n) for k, n in wf.items() if n["class_type"] == cls]
+
+
+def small(wf, size=SIZE, seed=None, prefix=None, steps=None):
+    """The example pointed at a small image (tiny assets keep the example's file names)."""
+    wf = copy.deepcopy(wf)
+    for _, n in nodes_of(wf, "EmptySD3LatentImage") + nodes_of(wf, "Krea2ModelSampling"):
+        n["inputs"]["width"] = n["inputs"]["height"] = size
+    for _, n in nodes_of(wf, "KSampler"):
+        if seed is not None:
+            n["inputs"]["seed"] = seed
+        if steps is not None:
+            n["inputs"]["steps"] = steps
+    if prefix is not None:
+        for _, n in nodes_of(wf, "SaveImage"):
+            n["inputs"]["filename_prefix"] = prefix
+    return wf
+
+
+def latent_variant(wf, prefix):
+    """Replace decode + save by SaveLatent of the KSampler output."""
+    wf = copy.deepcopy(wf)
+    ks = nodes_of(wf, "KSampler")[0][0]
+    for k in [k for k, n in wf.items() if n["class_type"] in ("VAEDecode", "SaveImage", "VAELoader")]:
+        del wf[k]
+    wf["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [ks, 0], "filename_prefix": prefix}}
+    return wf
+
+
+def run(host, wf, timeout=600):
+    pid = host.post_prompt(wf)
+    return host.wait(pid, timeout)
+
+
+def saved(host, prefix, ext):
+    files = sorted(glob.glob(os.path.join(host.output_dir, "**", prefix + "*" + ext), recursive=True))
+    assert files, f"no {ext} output with prefix {prefix} in {host.output_dir}"
+    return files[-1]
+
+
+def image_array(path):
+    from PIL import Image
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def read_latent(path):
+    t = load_file(path)
+    return t.get("latent_tensor", next(iter(t.values()))).float()
+
+
+def reference(host, tmp_path, **spec):
+    spec = {"transformer": os.path.join(host.models_dir, "diffusion_models", A.TURBO),
+            "text_encoder": os.path.join(host.models_dir, "text_encoders", A.TEXT),
+            "tokenizer": os.path.join(host.root, "comfy", "text_encoders", "qwen25_tokenizer"),
+            "comfy_root": host.root, **spec}
+    sp, out = tmp_path / "spec.json", tmp_path / "ref.safetensors"
+    sp.write_text(json.dumps(spec))
+    r = subprocess.run([host.python, os.path.join(ROOT, "tests", "host", "reference_loop.py"), str(sp), str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=host.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return load_file(str(out))["latent"].float()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# -- the nodes as the server lists them -------------------------------------------------------------------
+
+
+def test_nodes_listed_with_agreed_inputs(h):
+    info = h.object_info()
+    for node, inputs in OUR_NODES.items():
+        assert node in info, f"{node} missing from /object_info"
+        assert info[node]["category"] == "Krea 2"
+        declared = list(info[node]["input"].get("required", {})) + list(info[node]["input"].get("optional", {}))
+        assert declared[:len(inputs)] == inputs, (node, declared)
+
+
+def test_widget_order_used_by_the_ui_converter_matches_the_server(h):
+    info = h.object_info()
+    widget_types = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+    for node, widgets in WIDGETS.items():
+        spec = info[node]["input"]
+        order = list(spec.get("required", {})) + list(spec.get("optional", {}))
+        names = [n for n in order if isinstance((spec.get("required", {}) | spec.get("optional", {}))[n][0], list)
+                 or (spec.get("required", {}) | spec.get("optional", {}))[n][0] in widget_types]
+        assert names == [w for w, _ in widgets], (node, names)
+
+
+# -- example workflows -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(API_DIR)))
+def test_example_workflow_runs_to_an_image_deterministically(h, name):
+    wf = load_api(name)
+    stem = name[:-5]
+    run(h, small(wf, seed=1, prefix=f"{stem}_a"))
+    run(h, small(wf, seed=2, prefix=f"{stem}_b"))
+    run(h, small(wf, seed=1, prefix=f"{stem}_c"))  # KSampler re-runs: its last inputs had seed 2
+    a, b, c = (image_array(saved(h, f"{stem}_{x}", ".png")) for x in "abc")
+    assert a.shape == (SIZE, SIZE, 3)
+    assert np.array_equal(a, c), "same seed gave a different image"
+    assert not np.array_equal(a, b), "another seed gave the same image"
+
+
+def test_graph_latent_equals_plain_euler_loop_raw_cfg(h, tmp_path):
+    wf = small(load_api("krea2_raw_text_to_image.json"), seed=5, steps=6)
+    wf = latent_variant(wf, "euler_raw")
+    run(h, wf)
+    got = read_latent(saved(h, "euler_raw", ".latent"))
+    pos = [n for _, n in nodes_of(wf, "Krea2TextEncode") if n["_meta"]["title"] == "Prompt"][0]["inputs"]["text"]
+    neg = [n for _, n in nodes_of(wf, "Krea2TextEncode") if n["_meta"]["title"] != "Prompt"][0]["inputs"]["text"]
+    want = reference(h, tmp_path, transformer=os.path.join(h.models_dir, "diffusion_models", A.RAW), prompt=pos,
+                     negative=neg, seed=5, steps=6, cfg=4.5, variant="raw", width=SIZE, height=SIZE)
+    assert got.shape == want.shape
+    assert rel(got, want) <= 1e-5
+
+
+def test_graph_latent_equals_plain_euler_loop_turbo(h, tmp_path):
+    wf = latent_variant(small(load_api("krea2_turbo_text_to_image.json"), seed=9), "euler_turbo")
+    run(h, wf)
+    got = read_latent(saved(h, "euler_turbo", ".latent"))
+    prompt = nodes_of(wf, "Krea2TextEncode")[0][1]["inputs"]["text"]
+    want = reference(h, tmp_path, prompt=prompt, negative=None, seed=9, steps=8, cfg=1.0, variant="turbo",
+                     width=SIZE, height=SIZE)
+    assert rel(got, want) <= 1e-5
+
+
+# -- LoRA through a real graph -------------------------------------------------------------------------------
+
+
+def lora_graph(prefix, loras, seed=3):
+    wf = latent_variant(small(load_api("krea2_turbo_lora.json"), seed=seed), prefix)
+    lk, ln = nodes_of(wf, "Krea2LoraLoader")[0]
+    upstream = ln["inputs"]["model"]
+    del wf[lk]
+    for i, (name, strength) in enumerate(loras):
+        key = str(800 + i)
+        wf[key] = {"class_type": "Krea2LoraLoader", "inputs": {"model": upstream, "lora_name": name,
+                                                              "strength": strength}}
+        upstream = [key, 0]
+    nodes_of(wf, "Krea2ModelSampling")[0][1]["inputs"]["model"] = upstream
+    return wf
+
+
+def test_lora_graph_equals_hand_merged_weights(h, tmp_path):
+    run(h, lora_graph("lora_one", [(A.LORA, 0.8)]))
+    got = read_latent(saved(h, "lora_one", ".latent"))
+    prompt = nodes_of(lora_graph("x", []), "Krea2TextEncode")[0][1]["inputs"]["text"]
+    want = reference(h, tmp_path, prompt=prompt, negative=None, seed=3, steps=8, cfg=1.0, variant="turbo",
+                     width=SIZE, height=SIZE, loras=[[os.path.join(h.models_dir, "loras", A.LORA), 0.8]])
+    assert rel(got, want) <= 1e-5
+    plain = reference(h, tmp_path, prompt=prompt, negative=None, seed=3, steps=8, cfg=1.0, variant="turbo",
+                      width=SIZE, height=SIZE)
+    assert rel(got, plain) > 1e-3, "the LoRA changed nothing"
+
+
+def test_lora_styles_stack_and_agree_through_the_graph(h, tmp_path):
+    run(h, lora_graph("lora_native", [(A.LORA, 1.0)]))
+    run(h, lora_graph("lora_diffusers", [(A.LORA_DIFFUSERS, 1.0)]))
+    run(h, lora_graph("lora_stack", [(A.LORA, 1.0), (A.LORA_FUSED, 0.5)]))
+    run(h, lora_graph("lora_zero", [(A.LORA, 0.0)]))
+    native = read_latent(saved(h, "lora_native", ".latent"))
+    assert torch.equal(native, read_latent(saved(h, "lora_diffusers", ".latent")))
+    prompt = nodes_of(lora_graph("x", []), "Krea2TextEncode")[0][1]["inputs"]["text"]
+    lp = lambda n: os.path.join(h.models_dir, "loras", n)  # noqa: E731
+    common = dict(prompt=prompt, negative=None, seed=3, steps=8, cfg=1.0, variant="turbo", width=SIZE, height=SIZE)
+    stacked = reference(h, tmp_path, loras=[[lp(A.LORA), 1.0], [lp(A.LORA_FUSED), 0.5]], **common)
+    assert rel(read_latent(saved(h, "lora_stack", ".latent")), stacked) <= 1e-5
+    assert rel(read_latent(saved(h, "lora_zero", ".latent")), reference(h, tmp_path, **common)) <= 1e-5
+
+
+# -- bad inputs get clear node errors ------------------------------------------------------------------------
+
+
+def expect_error(host, wf, *needles):
+    with pytest.raises(Exception) as e:
+        run(host, wf)
+    msg = str(e.value)
+    for n in needles:
+        assert n in msg, msg[-2000:]
+    assert "Traceback" not in msg.split("\n")[0]
+    return msg
+
+
+def test_missing_model_file_is_a_validation_error(h):
+    wf = small(load_api("krea2_turbo_text_to_image.json"))
+    nodes_of(wf, "Krea2ModelLoader")[0][1]["inputs"]["model_name"] = "does_not_exist.safetensors"
+    expect_error(h, wf, "does_not_exist.safetensors")
+
+
+def test_non_krea_checkpoint_names_what_it_is(h):
+    p = os.path.join(h.models_dir, "diffusion_models", "some_flux_model.safetensors")
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4),
+               "single_blocks.0.linear1.weight": torch.zeros(4, 4)}, p)
+    wf = small(load_api("krea2_turbo_text_to_image.json"))
+    nodes_of(wf, "Krea2ModelLoader")[0][1]["inputs"]["model_name"] = "some_flux_model.safetensors"
+    h.refresh() if hasattr(h, "refresh") else None
+    expect_error(h, wf, "not a Krea 2 transformer", "Flux")
+
+
+def test_conditioning_of_the_wrong_width_is_explained(h):
+    wf = small(load_api("krea2_turbo_text_to_image.json"))
+    nodes_of(wf, "Krea2TextEncode")[0][1]["inputs"]["taps"] = "2,5"  # 2 taps instead of 12
+    expect_error(h, wf, "Krea 2 conditioning must be", "Krea2TextEncode")
+
+
+def test_empty_prompt_and_odd_sizes_work(h):
+    wf = small(load_api("krea2_turbo_text_to_image.json"), prefix="odd_size")
+    nodes_of(wf, "Krea2TextEncode")[0][1]["inputs"]["text"] = ""
+    for _, n in nodes_of(wf, "EmptySD3LatentImage") + nodes_of(wf, "Krea2ModelSampling"):
+        n["inputs"]["width"], n["inputs"]["height"] = 136, 120  # latents 17 x 15: padded like the reference
+    run(h, wf)
+    img = image_array(saved(h, "odd_size", ".png"))
+    assert img.shape == (120, 136, 3)
+
+
+# -- fp8 weights -----------------------------------------------------------------------------------------------
+
+
+FP8_CHECK = r"""
+import json, sys, os
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.environ["KREA2_PACK_PARENT"])
+import comfy.options; comfy.options.enable_args_parsing()
+import importlib, torch
+pack = importlib.import_module(os.environ["KREA2_PACK_NAME"])
+cm = importlib.import_module(os.environ["KREA2_PACK_NAME"] + ".nodes.comfy_model")
+out = {}
+for wd in ("default", "fp8_e4m3fn", "fp8_e5m2"):
+    m = cm.load_model(os.environ["KREA2_MODEL"], wd)
+    dm = m.model.diffusion_model
+    lin = {str(p.dtype) for n, p in dm.named_parameters() if n.endswith(".weight") and p.ndim == 2}
+    out[wd] = {"linear_dtypes": sorted(lin), "bytes": sum(p.numel() * p.element_size() for p in dm.parameters())}
+print(json.dumps(out))
+"""
+
+
+def test_fp8_weights_stay_fp8_and_output_is_close(h, tmp_path):
+    env = dict(os.environ, KREA2_PACK_PARENT=os.path.dirname(h.pack_dir), KREA2_PACK_NAME=os.path.basename(h.pack_dir),
+               KREA2_MODEL=os.path.join(h.models_dir, "diffusion_models", A.TURBO))
+    r = subprocess.run([h.python, "-c", FP8_CHECK], capture_output=True, text=True, timeout=600, cwd=h.root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["fp8_e4m3fn"]["linear_dtypes"] == ["torch.float8_e4m3fn"]
+    assert info["fp8_e5m2"]["linear_dtypes"] == ["torch.float8_e5m2"]
+    assert info["fp8_e4m3fn"]["bytes"] < 0.4 * info["default"]["bytes"]  # fp32 file: fp8 Linears are 1/4
+    wf = latent_variant(small(load_api("krea2_turbo_text_to_image.json"), seed=4), "fp8_run")
+    run(h, wf)
+    full = read_latent(saved(h, "fp8_run", ".latent"))
+    nodes_of(wf, "Krea2ModelLoader")[0][1]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    nodes_of(wf, "SaveLatent")[0][1]["inputs"]["filename_prefix"] = "fp8_run_e4m3"
+    run(h, wf)
+    low = read_latent(saved(h, "fp8_run_e4m3", ".latent"))
+    err = rel(low, full)
+    assert 0 < err <= 0.1, err  # fp8 weights: bf16-class error on the final latent, not garbage
