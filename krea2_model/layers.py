@@ -55,7 +55,11 @@ class SwiGLU(nn.Module):
         self.down = ops.Linear(hidden, dim, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        h = self.gate(x)
+        if torch.is_grad_enabled():
+            return self.down(F.silu(h) * self.up(x))
+        # Inference: reuse the gate's buffer (a fresh (L, mlp_hidden) tensor costs page faults on CPU).
+        return self.down(F.silu(h, inplace=True).mul_(self.up(x)))
 
 
 class QKNorm(nn.Module):
@@ -72,6 +76,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+def rope_to_heads(x: torch.Tensor, rope) -> torch.Tensor:
+    """RoPE on ``x (B, L, H, D)`` (token-major, as the projection leaves it), returned as a contiguous
+    ``(B, H, L, D)`` in ``x.dtype``: the rotation and the layout change are one pass.
+
+    ``rope`` is ``(cos, sin)`` or ``(cos, sin, cis)`` with ``cis = cos + i sin`` complex64 ``(L, D/2)``.
+    Eager mode multiplies complex numbers (pair ``(a, b)`` times ``cos + i sin`` is exactly
+    ``(a cos - b sin, a sin + b cos)``) writing straight into the head-major buffer; under
+    ``torch.compile`` the real form is traced so the compiler can fuse it.
+    """
+    b, l, h, d = x.shape
+    cos, sin = rope[0], rope[1]
+    if len(rope) < 3 or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return apply_rope(x.transpose(1, 2), cos, sin).contiguous()
+    cis = rope[2].unsqueeze(1)                                              # (L, 1, D/2)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))            # (B, L, H, D/2)
+    if x.dtype == torch.float32:
+        out = torch.empty(b, h, l, d, dtype=x.dtype, device=x.device)
+        torch.mul(xc, cis, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))).transpose(1, 2))
+        return out
+    rot = torch.view_as_real(xc.mul_(cis)).flatten(-2)                     # float32 (B, L, H, D)
+    out = torch.empty(b, h, l, d, dtype=x.dtype, device=x.device)
+    out.transpose(1, 2).copy_(rot)
+    return out
 
 
 class Attention(nn.Module):
@@ -95,11 +124,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None, mask=None) -> torch.Tensor:
         b, l, _ = x.shape
-        q = self.qknorm.qnorm(self.wq(x).view(b, l, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.qknorm.knorm(self.wk(x).view(b, l, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.wv(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.qknorm.qnorm(self.wq(x).view(b, l, self.heads, self.head_dim))
+        k = self.qknorm.knorm(self.wk(x).view(b, l, self.kv_heads, self.head_dim))
+        v = self.wv(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2).contiguous()
         if rope is not None:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *rope)
-        out = attention(q.contiguous(), k.contiguous(), v.contiguous(), mask)
-        return self.wo(out * torch.sigmoid(self.gate(x)))
+            q, k = rope_to_heads(q, rope), rope_to_heads(k, rope)
+        else:
+            q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+        out = attention(q, k, v, mask)
+        g = self.gate(x)
+        if torch.is_grad_enabled():
+            return self.wo(out * torch.sigmoid(g))
+        return self.wo(g.sigmoid_().mul_(out))

@@ -18,6 +18,7 @@ Calling convention (ComfyUI's): ``model(x, sigma, context, attention_mask=None, 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, asdict
 
 import torch
@@ -132,8 +133,16 @@ class Block(nn.Module):
     def forward(self, x, vec, rope, mask=None):
         m = vec + cast_param(self.mod.lin, vec)
         prescale, preshift, pregate, postscale, postshift, postgate = m.chunk(6, dim=-1)
-        x = x + pregate * self.attn(torch.addcmul(preshift, self.prenorm(x), 1 + prescale), rope, mask)
-        return x + postgate * self.mlp(torch.addcmul(postshift, self.postnorm(x), 1 + postscale))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            x = x + pregate * self.attn(torch.addcmul(preshift, self.prenorm(x), 1 + prescale), rope, mask)
+            return x + postgate * self.mlp(torch.addcmul(postshift, self.postnorm(x), 1 + postscale))
+        # Eager inference: the same arithmetic without fresh (L, hidden) buffers. The modulation is
+        # written over the norm's output and the residual stream is updated in place (the caller's
+        # `x` is the transformer's own running sequence).
+        h = self.prenorm(x)
+        x.addcmul_(pregate, self.attn(torch.addcmul(preshift, h, 1 + prescale, out=h), rope, mask))
+        h = self.postnorm(x)
+        return x.addcmul_(postgate, self.mlp(torch.addcmul(postshift, h, 1 + postscale, out=h)))
 
 
 class LastLayer(nn.Module):
@@ -158,9 +167,10 @@ def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_tables(cfg: Krea2Config, text_len: int, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``(text_len + grid_h*grid_w, head_dim/2)`` float32 for positions text (0,0,0) and
-    image (0, row, col). Angles are formed in float64 (as the reference) before the cast."""
+def rope_tables(cfg: Krea2Config, text_len: int, grid_h: int, grid_w: int, device) -> tuple:
+    """``(cos, sin, cis)``: cos/sin ``(text_len + grid_h*grid_w, head_dim/2)`` float32 for positions
+    text (0,0,0) and image (0, row, col), and ``cis = cos + i sin`` complex64. Angles are formed in
+    float64 (as the reference) before the cast."""
     pos_h = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
     pos_w = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
     zeros_t = torch.zeros(text_len, dtype=torch.float64)
@@ -171,7 +181,8 @@ def rope_tables(cfg: Krea2Config, text_len: int, grid_h: int, grid_w: int, devic
         omega = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
         angles.append(p[:, None] * omega[None, :])
     a = torch.cat(angles, dim=-1)
-    return a.cos().float().to(device), a.sin().float().to(device)
+    cos, sin = a.cos().float().to(device), a.sin().float().to(device)
+    return cos, sin, torch.complex(cos, sin)
 
 
 class Krea2Transformer(nn.Module):
@@ -194,6 +205,9 @@ class Krea2Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, operations=operations, **kw) for _ in range(cfg.layers)])
         self.last = LastLayer(cfg, operations=operations, **kw)
         self._rope_cache: dict = {}
+        #: reuse the text stage (txtfusion + txtmlp) for a conditioning seen before; see `text_tokens`
+        self.cache_text = True
+        self._text_cache = TextCache()
 
     # -- pieces -----------------------------------------------------------------------------------
     def unpack_context(self, context: torch.Tensor) -> torch.Tensor:
@@ -217,6 +231,50 @@ class Krea2Transformer(nn.Module):
         dt = self._compute_dtype(context)
         h = self.txtfusion(ctx.to(dt), mask=mask)
         return self.txtmlp(h)
+
+    def text_tokens(self, context: torch.Tensor, mask: torch.Tensor | None = None,
+                    transformer_options: dict | None = None) -> torch.Tensor:
+        """:meth:`encode_text`, reused across sampling steps when the same conditioning comes back.
+
+        The text stage never depends on the timestep, so it is computed once per conditioning. A
+        hit needs the same conditioning *content* (ComfyUI builds a new cond tensor every step, so
+        identity would never match) and mask, the same compute dtype and device, and unchanged
+        text-stage weights: the same Parameter objects at the same version and storage, the same
+        sampled values (catches in-place copies that bypass the version counter), and the same
+        host weight hooks (ComfyUI's per-module ``weight_function``/``bias_function`` lists, through
+        which low-VRAM mode applies LoRA at cast time). A new prompt, LoRA or weight patch therefore
+        recomputes. Never cached under autograd or while compiling. Off with ``model.cache_text =
+        False`` or ``transformer_options["krea2_cache_text"] = False``.
+        """
+        enabled = self.cache_text
+        if transformer_options is not None and "krea2_cache_text" in transformer_options:
+            enabled = bool(transformer_options["krea2_cache_text"])
+        if not enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.encode_text(context, mask)
+        dt = self._compute_dtype(context)
+        weights = self._text_weights_key()
+        hit = self._text_cache.get(context, mask, dt, weights)
+        if hit is not None:
+            return hit
+        out = self.encode_text(context, mask)
+        self._text_cache.put(context, mask, dt, weights, out)
+        return out
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+    def _text_weights_key(self):
+        params, hooks = [], []
+        for root in (self.txtfusion, self.txtmlp):
+            for mod in root.modules():
+                for p in mod._parameters.values():
+                    if p is not None:
+                        params.append(p)
+                for attr in ("weight_function", "bias_function"):
+                    fns = getattr(mod, attr, None)
+                    if fns:
+                        hooks.append((id(mod), attr, tuple(fns)))
+        return params, hooks
 
     def _compute_dtype(self, x: torch.Tensor | None = None):
         """The dtype activations run in: under host operations (which cast weights per call) the
@@ -271,7 +329,7 @@ class Krea2Transformer(nn.Module):
                 mask_txt = am[:, None, None, :]
                 mask_all = torch.cat([am, am.new_ones(B, gh * gw)], dim=1)[:, None, None, :]
 
-        txt = self.encode_text(context.to(x.device), mask_txt)
+        txt = self.text_tokens(context.to(x.device), mask_txt, transformer_options)
         t = self.tmlp(timestep_embedding(sigma.to(x.device), cfg.time_dim).to(dt))
         vec = self.tproj(t)
 
@@ -287,6 +345,92 @@ class Krea2Transformer(nn.Module):
         if five_d:
             out = out.view(b5, t5, c5, h5, w5).movedim(1, 2)
         return out
+
+
+def _ref(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # not weak-referenceable: hold it (entries are few and replaced on new prompts)
+        return lambda o=obj: o
+
+
+def _version(p) -> int:
+    try:
+        return p._version
+    except RuntimeError:  # inference tensors keep no version counter; the fingerprint still guards them
+        return -1
+
+
+def _fingerprint(params) -> torch.Tensor | None:
+    """16 evenly spaced values of every parameter, as one float32 vector (on the first one's device)."""
+    if not params:
+        return None
+    dev = params[0].device
+    parts = []
+    for p in params:
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 16)
+        parts.append(flat[::step][:16].to(device=dev, dtype=torch.float32))
+    return torch.cat(parts)
+
+
+class TextCache:
+    """A few ``(conditioning, mask, dtype, weights) -> text tokens`` entries, most recent first
+    (several, because a sampler may send cond and uncond in separate calls every step). Keys hold
+    copies of the conditioning and mask, and weak references to the weights and hooks, so a
+    replaced weight or a freed LoRA hook is never mistaken for a live one."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[dict] = []
+
+    def clear(self):
+        self.entries.clear()
+
+    @staticmethod
+    def _same_tensor(a, b) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+    @staticmethod
+    def _same_weights(e, params, hooks) -> bool:
+        if len(e["params"]) != len(params) or len(e["hooks"]) != len(hooks):
+            return False
+        for (r, version, ptr), p in zip(e["params"], params):
+            if r() is not p or version != _version(p) or ptr != p.data_ptr():
+                return False
+        for (mod_id, attr, refs), (hmod_id, hattr, fns) in zip(e["hooks"], hooks):
+            if mod_id != hmod_id or attr != hattr or len(refs) != len(fns) or \
+                    any(r() is not f for r, f in zip(refs, fns)):
+                return False
+        return True
+
+    def get(self, context, mask, dtype, weights):
+        params, hooks = weights
+        fp = None
+        for i, e in enumerate(self.entries):
+            if e["dtype"] != dtype or not self._same_weights(e, params, hooks):
+                continue
+            if not (self._same_tensor(e["context"], context) and self._same_tensor(e["mask"], mask)):
+                continue
+            if fp is None:
+                fp = _fingerprint(params)
+            if not self._same_tensor(e["fingerprint"], fp):
+                continue
+            self.entries.insert(0, self.entries.pop(i))
+            return e["out"]
+        return None
+
+    def put(self, context, mask, dtype, weights, out):
+        params, hooks = weights
+        entry = dict(context=context.detach().clone(), mask=None if mask is None else mask.detach().clone(),
+                     dtype=dtype, out=out.detach(),
+                     params=[(_ref(p), _version(p), p.data_ptr()) for p in params],
+                     hooks=[(m, a, tuple(_ref(f) for f in fns)) for m, a, fns in hooks],
+                     fingerprint=_fingerprint(params))
+        self.entries.insert(0, entry)
+        del self.entries[self.size:]
 
 
 _KNOWN_TEXT_WIDTHS = {
