@@ -38,8 +38,11 @@ _VAE_SCRIPT = textwrap.dedent("""
     import comfy.options
     comfy.options.enable_args_parsing()
     from comfy.ldm.wan.vae import WanVAE
+    import comfy.sd, inspect
+    # hosts that read the width from the file take a tiny VAE; older ones build the real 96-wide one
+    dim = 8 if 'sd["decoder.head.0.gamma"].shape[0]' in inspect.getsource(comfy.sd) else 96
     from safetensors.torch import save_file
-    m = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    m = WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                temperal_downsample=[False, True, True], dropout=0.0)
     g = torch.Generator().manual_seed(0)
     sd = {}
@@ -50,6 +53,7 @@ _VAE_SCRIPT = textwrap.dedent("""
             sd[k] = torch.zeros(v.shape)
         else:
             sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(max(1, v[0].numel()))
+        sd[k] = sd[k].to(torch.bfloat16 if dim > 8 else torch.float32)
     save_file(sd, out)
 """)
 
