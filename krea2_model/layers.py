@@ -41,7 +41,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = cast_param(self.scale, x, torch.float32) + 1.0
-        return F.rms_norm(x.float(), (x.shape[-1],), weight=w, eps=self.eps).to(x.dtype)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return F.rms_norm(x.float(), (x.shape[-1],), weight=w, eps=self.eps).to(x.dtype)
+        # Eager inference, same float32 maths in fewer passes: the sum of squares is reduced from
+        # x itself (no float32 copy, no x**2 buffer), then one multiply by 1/rms and one by w.
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        r = r.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
+        return torch.mul(x, r).mul_(w).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
