@@ -22,6 +22,16 @@ HOST_CFG = Krea2Config(hidden=64, heads=4, kv_heads=1, head_dim=16, mlp_hidden=9
                        text_dim=32, text_taps=12, text_heads=2, text_kv_heads=2, text_head_dim=16, text_mlp_hidden=64)
 HOST_TEXT_CFG = Qwen3TextConfig(hidden=32, layers=36, heads=2, kv_heads=1, head_dim=16, mlp_hidden=64, vocab=151936)
 
+# Native ComfyUI's Krea 2 reads its size from a few shapes and assumes the rest (head size 128, 20 text
+# heads, 256-wide time embedding, SwiGLU width from its formula); this config satisfies those rules.
+INTEROP_CFG = Krea2Config(hidden=256, heads=2, kv_heads=1, head_dim=128, mlp_hidden=768, layers=2, time_dim=256,
+                          text_dim=160, text_taps=12, text_heads=20, text_kv_heads=20, text_head_dim=8,
+                          text_mlp_hidden=512)
+INTEROP_TEXT_CFG = Qwen3TextConfig(hidden=160, layers=36, heads=2, kv_heads=1, head_dim=80, mlp_hidden=64,
+                                   vocab=151936)
+INTEROP = "krea2_interop.safetensors"
+INTEROP_TEXT = "qwen3vl_interop.safetensors"
+
 TURBO = "krea2_turbo_bf16.safetensors"
 RAW = "krea2_raw_bf16.safetensors"
 TEXT = "qwen3vl_4b_bf16.safetensors"
@@ -64,6 +74,16 @@ def transformer_state(seed: int) -> dict:
 
 def text_state(seed: int = 0) -> dict:
     return tiny_text.random_state_dict(HOST_TEXT_CFG, seed)
+
+
+def make_interop_assets(models_dir: str) -> dict:
+    """A transformer native ComfyUI can build and a text encoder whose taps fit it (0.33 interop tests)."""
+    return {
+        "model": tiny.write(tiny.random_state_dict(INTEROP_CFG, 11), os.path.join(models_dir, "diffusion_models",
+                                                                                  INTEROP), "comfy"),
+        "text": tiny_text.write(tiny_text.random_state_dict(INTEROP_TEXT_CFG, 12),
+                                os.path.join(models_dir, "text_encoders", INTEROP_TEXT), "full", INTEROP_TEXT_CFG),
+    }
 
 
 def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
