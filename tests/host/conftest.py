@@ -3,6 +3,8 @@
 ``host``      the main host (ComfyUI 0.33 with native Krea 2 here), started once per session.
 ``host_old``  the old host (ComfyUI 0.3.64, no native Krea 2), started once per session.
 ``any_host``  parametrized over both: a test using it runs once per host ([host], [host_old]).
+``chromium``  a headless Chromium driven by Playwright (browser tier, test_browser.py); skips with one
+              reason when Playwright or a system Chromium is missing.
 
 With no host the tests skip with one reason, and the run ends with one line saying whether the
 host tier ran, and on what.
@@ -89,6 +91,51 @@ def any_host(request):
     return request.getfixturevalue(request.param)
 
 
+# ---------------------------------------------------------------- browser tier
+# Playwright's own browser download is not used: a system Chromium (Debian's ``chromium``) is.
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome",
+                       "/snap/bin/chromium")
+_BROWSER = {"state": None}  # None (not asked for), a description string once launched, or a skip reason
+
+
+def find_chromium():
+    env = os.environ.get("KREA2_CHROMIUM")
+    if env:
+        return env if os.path.isfile(env) else None
+    for c in CHROMIUM_CANDIDATES:
+        if os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A headless Chromium (Playwright ``Browser``); skips the browser tier with one reason when absent."""
+    if isinstance(_BROWSER["state"], str) and _BROWSER["state"].startswith("browser tier skipped"):
+        pytest.skip(_BROWSER["state"])
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _BROWSER["state"] = "browser tier skipped: Playwright is not installed (pip install playwright)"
+        pytest.skip(_BROWSER["state"])
+    exe = find_chromium()
+    if exe is None:
+        where = os.environ.get("KREA2_CHROMIUM") or "/usr/bin/chromium"
+        _BROWSER["state"] = f"browser tier skipped: no Chromium at {where} (apt-get install chromium)"
+        pytest.skip(_BROWSER["state"])
+    pw = sync_playwright().start()
+    try:
+        browser = pw.chromium.launch(executable_path=exe, headless=True,
+                                     args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+    except Exception:
+        pw.stop()
+        raise
+    _BROWSER["state"] = f"ran in {exe} {browser.version}"
+    yield browser
+    browser.close()
+    pw.stop()
+
+
 def pytest_report_header(config):
     main, old = find_host(), find_old_host()
     parts = []
@@ -117,3 +164,5 @@ def pytest_terminal_summary(terminalreporter):
     else:
         line = "host tier: " + " | ".join(described)
     terminalreporter.write_line(line)
+    if _BROWSER["state"]:
+        terminalreporter.write_line("browser tier: " + _BROWSER["state"].replace("browser tier skipped: ", "skipped: "))
