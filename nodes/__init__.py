@@ -36,8 +36,8 @@ def _folder_entries(kind: str) -> list[str]:
 
 
 def list_files(kind: str) -> list[str]:
-    files = [f for f in folder_paths.get_filename_list(kind) if f.lower().endswith((".safetensors", ".sft"))]
-    return sorted(set(files)) + _folder_entries(kind)
+    # every file the host lists, pickles included: choosing one gets a clear refusal, not a silent gap
+    return sorted(set(folder_paths.get_filename_list(kind))) + _folder_entries(kind)
 
 
 def resolve(kind: str, name: str) -> str:

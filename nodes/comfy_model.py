@@ -8,6 +8,7 @@ offload devices, so low-VRAM partial loading, LoRA patching and unloading work a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -20,7 +21,8 @@ import comfy.model_patcher
 import comfy.supported_models_base
 import comfy.utils
 
-from ..krea2_model import CanonicalCheckpoint, Krea2Config, Krea2Transformer
+from ..krea2_model import CanonicalCheckpoint, Krea2Config, Krea2FileError, Krea2Transformer
+from ..krea2_model.checkpoint import _fix_shape as fix_shape
 
 log = logging.getLogger("krea2")
 
@@ -89,21 +91,51 @@ def _cfg_attr(cfg, name):
     return cfg.__dict__.get(name, getattr(type(cfg), name, None))
 
 
+def _read_canonical(ck: CanonicalCheckpoint):
+    """Every tensor under canonical names, read with ComfyUI's own file loader (memory-mapped where the
+    host supports it, like core's UNET loader), shard by shard for folders."""
+    files = {}
+    for name in list(ck.keymap.values()) + list(ck.aux.values()):
+        files.setdefault(_owner(ck, name), []).append(name)
+    raw, metadata = {}, ck.src.metadata or None
+    pbar = comfy.utils.ProgressBar(len(files))
+    for f in files:
+        try:
+            part = comfy.utils.load_torch_file(f, safe_load=True)
+        except Exception as e:  # header was valid, data is not
+            raise Krea2FileError(f"{f}: cannot read the tensors ({e}). The file is corrupt; download it again.") from None
+        raw.update(part)
+        pbar.update(1)
+    sd = {c: fix_shape(c, raw.pop(s)) for c, s in ck.keymap.items()}
+    sd.update({c: raw.pop(s) for c, s in ck.aux.items()})
+    return sd, metadata
+
+
+def _owner(ck: CanonicalCheckpoint, key: str) -> str:
+    """The file holding ``key``: the checkpoint itself, or its shard in a folder (from the index)."""
+    if os.path.isfile(ck.where):
+        return ck.where
+    index = getattr(ck, "_shard_index", None)
+    if index is None:
+        index = {}
+        for name in os.listdir(ck.where):
+            if name.endswith(".safetensors.index.json"):
+                with open(os.path.join(ck.where, name)) as f:
+                    index.update({k: os.path.join(ck.where, v) for k, v in json.load(f)["weight_map"].items()})
+        if not index:  # a folder with one .safetensors file
+            single = [n for n in os.listdir(ck.where) if n.endswith(".safetensors")]
+            index = {k: os.path.join(ck.where, single[0]) for k in ck.src.keys()}
+        ck._shard_index = index
+    return index[key]
+
+
 def load_model(path: str, weight_dtype: str = "default", model_options: dict | None = None):
     """Load a Krea 2 transformer file or diffusers folder into a ComfyUI ``ModelPatcher``."""
     opts = dict(model_options or {})
     opts.update(weight_dtype_options(weight_dtype))
     ck = CanonicalCheckpoint(path)          # validates layout, shapes, completeness (typed errors)
     ck.report_extra()
-    sd = {}
-    pbar = comfy.utils.ProgressBar(len(ck.keys()) + len(ck.aux))
-    for k in ck.keys():
-        sd[k] = ck.load(k)
-        pbar.update(1)
-    for k in ck.aux:
-        sd[k] = ck.load_aux(k)
-        pbar.update(1)
-    metadata = ck.src.metadata or None
+    sd, metadata = _read_canonical(ck)
 
     model_config = Krea2ModelConfig({"image_model": "krea2_pack", "krea2_config": ck.config.to_dict()})
     # ComfyUI's quantized formats: newer hosts convert scale_weight files and detect per-layer quant
