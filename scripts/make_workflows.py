@@ -64,6 +64,9 @@ def graph_raw():
 
 
 TITLES = {"pos": "Prompt", "neg": "Negative prompt"}
+# body height (px) per node type at width 380: slots + widgets (20 px each), the prompt box, the preview
+HEIGHTS = {"Krea2ModelSampling": 160, "Krea2TextEncode": 200, "KSampler": 270, "Krea2LoraLoader": 140,
+           "EmptySD3LatentImage": 110, "SaveImage": 300}
 # values of our nodes' optional (advanced) widgets, written out so UI and API twins say the same
 DEFAULTS = {
     "Krea2ModelSampling": {"base_shift": 0.5, "max_shift": 1.15},
@@ -104,7 +107,10 @@ def to_ui(g):
     for name, (cls, inputs) in g.items():
         col = cols.get(name, 1)
         row = rows.get(col, 0)
-        rows[col] = row + (260 if cls in ("Krea2TextEncode", "KSampler", "SaveImage") else 150)
+        # Node body heights as the frontend draws them (title bar and a gap on top), so no node hides
+        # another's widgets; the browser tier checks the loaded graph for overlaps.
+        height = HEIGHTS.get(cls, 120)
+        rows[col] = row + height + 70
         node_inputs = []
         link_inputs = [(k, v) for k, v in inputs.items() if isinstance(v, tuple)]
         for slot, (k, v) in enumerate(link_inputs):
@@ -118,7 +124,7 @@ def to_ui(g):
                 widgets.append("fixed")
         outputs = [{"name": t, "type": t, "links": out_links.get((name, i), []), "slot_index": i}
                    for i, t in enumerate(OUTPUTS[cls])]
-        node = {"id": ids[name], "type": cls, "pos": [40 + 420 * col, 40 + row], "size": [380, 120],
+        node = {"id": ids[name], "type": cls, "pos": [40 + 420 * col, 40 + row], "size": [380, height],
                 "flags": {}, "order": order[name], "mode": 0, "inputs": node_inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": cls}, "widgets_values": widgets}
         if name in TITLES:

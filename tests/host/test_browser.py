@@ -5,7 +5,7 @@ headless system Chromium driven by Playwright. Each ``example_workflows/*.json``
 canvas as a file (the frontend's own drop handler loads it, as when a user drags the file in), then:
 
 - no missing-node / missing-model warning (dialog or error overlay), every node type registered,
-  and every model file name in a combo is one the host lists;
+  every model file name in a combo is one the host lists, and no node drawn over another;
 - every node of ours is rendered with its agreed inputs (DESIGN.md rule 6), category "Krea 2", and a
   fresh node of each type shows the agreed defaults;
 - the frontend's own export (``app.graphToPrompt()``) equals the API twin in
@@ -70,6 +70,19 @@ JS_STATE = """() => {
         widgets: (n.widgets || []).map(w => ({name: w.name, type: w.type, value: w.value,
             options: w.options && Array.isArray(w.options.values) ? w.options.values : null})),
     }));
+}"""
+
+# Pairs of nodes whose drawn areas (title bar included) overlap: one hides the other's widgets.
+JS_OVERLAPS = """() => {
+    const nodes = window.app.graph.nodes || window.app.graph._nodes;
+    const r = nodes.map(n => [String(n.id) + ' (' + (n.title || n.type) + ')', Array.from(n.boundingRect)]);
+    const out = [];
+    for (let i = 0; i < r.length; i++) for (let j = i + 1; j < r.length; j++) {
+        const [a, A] = r[i], [b, B] = r[j];
+        if (A[0] < B[0] + B[2] && B[0] < A[0] + A[2] && A[1] < B[1] + B[3] && B[1] < A[1] + A[3])
+            out.push(a + ' and ' + b);
+    }
+    return out;
 }"""
 
 JS_FRESH = """(type) => {
@@ -225,6 +238,7 @@ def problems_after_load(pg: Page, ui: dict) -> list:
             if w["name"] in MODEL_WIDGETS and w["options"] is not None and w["value"] not in w["options"]:
                 problems.append(f"node {n['id']} ({n['type']}): {w['name']} = {w['value']!r} is not among the "
                                 f"host's files {w['options']} (missing model)")
+    problems += [f"nodes overlap on the canvas: {pair}" for pair in pg.evaluate(JS_OVERLAPS)]
     want = sorted((str(n["id"]), n["type"]) for n in ui["nodes"])
     got = sorted((n["id"], n["type"]) for n in state)
     if want != got:
