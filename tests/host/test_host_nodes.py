@@ -308,3 +308,18 @@ def test_fp8_weights_stay_fp8_and_output_is_close(h, tmp_path):
     low = read_latent(saved(h, "fp8_run_e4m3", ".latent"))
     err = rel(low, full)
     assert 0 < err <= 0.1, err  # fp8 weights: bf16-class error on the final latent, not garbage
+
+
+def test_lora_on_fp8_weights_is_within_fp8_error_of_the_full_precision_lora(h):
+    wf = lora_graph("lora_fp32", [(A.LORA, 1.0)])
+    run(h, wf)
+    nodes_of(wf, "Krea2ModelLoader")[0][1]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    nodes_of(wf, "SaveLatent")[0][1]["inputs"]["filename_prefix"] = "lora_fp8"
+    run(h, wf)
+    full = read_latent(saved(h, "lora_fp32", ".latent"))
+    low = read_latent(saved(h, "lora_fp8", ".latent"))
+    run(h, lora_graph("nolora_fp32", []))
+    without = read_latent(saved(h, "nolora_fp32", ".latent"))
+    err = rel(low, full)
+    assert err <= 0.1, err  # fp8-class error
+    assert err < 0.5 * rel(without, full), "on fp8 weights the LoRA did (almost) nothing"
