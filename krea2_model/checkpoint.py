@@ -248,6 +248,15 @@ class CanonicalCheckpoint:
     def load(self, k) -> torch.Tensor:
         return _fix_shape(k, self.src[self.keymap[k]])
 
+    def source_dtype(self, k):
+        """The stored dtype of canonical tensor ``k`` (None when the source does not say)."""
+        return self.src.dtype(self.keymap[k])
+
+    def load_into(self, k, out: torch.Tensor) -> torch.Tensor:
+        """Stream canonical tensor ``k`` into the contiguous CPU tensor ``out`` (same element count;
+        cast to ``out.dtype``); see :meth:`TensorSource.read_into`."""
+        return self.src.read_into(self.keymap[k], out)
+
     def load_aux(self, k) -> torch.Tensor:
         return self.src[self.aux[k]]
 
@@ -297,12 +306,27 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
     keys = ck.keys()
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
     for i, k in enumerate(keys):
-        t = ck.load(k)
+        stored = ck.source_dtype(k)
         if k.endswith(".scale"):
             target = torch.float32  # norm scales always fp32 (see RMSNorm)
         elif dtype is not None:
             target = params[k].dtype  # what the (host's) modules were built to store
+        elif stored is not None:
+            target = stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
         else:
+            target = None
+        if ck.src.streams and stored is not None and target is not None and (stored not in fp8 or (
+                target in fp8 and ck.quant_scale(k) is None)):
+            # Stream straight into a tensor of the kept dtype: peak memory is what is kept plus one
+            # read chunk, whatever the stored dtype (a bf16 file kept as fp8 never holds a bf16 copy).
+            out = torch.empty(ck.shape(k), dtype=target)
+            ck.load_into(k, out)
+            _set_tensor(model, k, out.to(device) if torch.device(device).type != "cpu" else out)
+            if progress:
+                progress(i + 1, len(keys))
+            continue
+        t = ck.load(k)
+        if target is None:
             target = t.dtype if t.dtype.is_floating_point and t.dtype.itemsize >= 2 else torch.bfloat16
         if t.dtype in fp8:
             scale = ck.quant_scale(k)

@@ -27,12 +27,32 @@ class TensorSource(Mapping):
     ``metadata`` (the safetensors ``__metadata__`` of the first file) and ``describe()`` (the
     path, for messages)."""
 
-    def __init__(self, shapes: dict, getter: Callable[[str], torch.Tensor], where: str, metadata=None, dtypes=None):
+    def __init__(self, shapes: dict, getter: Callable[[str], torch.Tensor], where: str, metadata=None, dtypes=None,
+                 reader: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
         self._shapes = shapes
         self._get = getter
         self.where = where
         self.metadata = metadata or {}
         self._dtypes = dtypes or {}
+        self._reader = reader
+
+    @property
+    def streams(self) -> bool:
+        """True when :meth:`read_into` reads from files (in-memory sources just copy)."""
+        return self._reader is not None
+
+    def read_into(self, key, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous CPU tensor ``out`` (same number of elements, any dtype: values are
+        cast) with tensor ``key``. Files are read with plain reads in chunks of at most
+        :data:`READ_CHUNK` bytes, never memory-mapped, so the process holds ``out`` plus one chunk,
+        not the file's pages, and a cast to a smaller dtype never materialises the source dtype."""
+        if key not in self._shapes:
+            raise KeyError(key)
+        if self._reader is not None:
+            return self._reader(key, out)
+        t = self._get(key)
+        out.view(-1).copy_(t.reshape(-1))
+        return out
 
     def __getitem__(self, key):
         if key not in self._shapes:
@@ -111,6 +131,53 @@ def read_safetensors_header(path: str) -> tuple[dict, dict]:
     return header, meta
 
 
+#: bytes read per chunk when a tensor is streamed into a buffer of another dtype
+READ_CHUNK = 16 * 2 ** 20
+
+
+def _read_exact(fd: int, view: memoryview, offset: int, path: str, key: str) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise Krea2FileError(f"{path}: the file ended while reading tensor '{key}': it is truncated. "
+                                 "Download it again.")
+        done += n
+
+
+def _stream_into(path: str, base: int, key: str, info: dict, out: torch.Tensor) -> torch.Tensor:
+    src_dtype = _ST_DTYPES.get(info.get("dtype"))
+    if src_dtype is None:
+        raise Krea2FileError(f"{path}: tensor '{key}' has dtype {info.get('dtype')!r}, which Krea 2 cannot read.")
+    start, end = (int(v) for v in info["data_offsets"])
+    numel = 1
+    for d in info["shape"]:
+        numel *= int(d)
+    if out.numel() != numel or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"read_into('{key}'): need a contiguous CPU tensor of {numel} elements, got "
+                         f"{tuple(out.shape)} on {out.device}")
+    if end - start != numel * src_dtype.itemsize:
+        raise Krea2FileError(f"{path}: tensor '{key}' spans {end - start} bytes, not {numel} x "
+                             f"{src_dtype.itemsize}: the header is corrupt. Download the file again.")
+    flat = out.view(-1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if out.dtype == src_dtype:  # same dtype: read straight into the destination
+            if numel:
+                _read_exact(fd, memoryview(flat.view(torch.uint8).numpy()), base + start, path, key)
+            return out
+        per = max(1, READ_CHUNK // src_dtype.itemsize)
+        buf = torch.empty(min(per, numel) * src_dtype.itemsize, dtype=torch.uint8)
+        for i in range(0, numel, per):
+            n = min(per, numel - i)
+            chunk = buf[:n * src_dtype.itemsize]
+            _read_exact(fd, memoryview(chunk.numpy()), base + start + i * src_dtype.itemsize, path, key)
+            flat[i:i + n].copy_(chunk.view(src_dtype))
+        return out
+    finally:
+        os.close(fd)
+
+
 def open_safetensors(path: str) -> TensorSource:
     from safetensors import safe_open
 
@@ -130,7 +197,13 @@ def open_safetensors(path: str) -> TensorSource:
         except Exception as e:
             raise Krea2FileError(f"{path}: cannot read tensor '{key}' ({e}). The file is corrupt; download it again.")
 
-    return TensorSource(shapes, get, path, meta, dtypes)
+    with open(path, "rb") as f:
+        base = 8 + struct.unpack("<Q", f.read(8))[0]
+
+    def read_into(key, out):
+        return _stream_into(path, base, key, header[key], out)
+
+    return TensorSource(shapes, get, path, meta, dtypes, reader=read_into)
 
 
 def open_sharded_folder(folder: str, index_names=("diffusion_pytorch_model.safetensors.index.json",
@@ -179,7 +252,8 @@ def open_sharded_folder(folder: str, index_names=("diffusion_pytorch_model.safet
     if missing:
         raise Krea2FileError(f"{idx}: {len(missing)} tensors listed in the index are absent from their shards "
                              f"(first: {missing[:3]}); the shards are from another version. Download them again.")
-    return TensorSource(shapes, lambda k: owner[k][k], folder, meta, dtypes)
+    return TensorSource(shapes, lambda k: owner[k][k], folder, meta, dtypes,
+                        reader=lambda k, out: owner[k].read_into(k, out))
 
 
 def open_source(source) -> TensorSource:
