@@ -323,3 +323,18 @@ def test_lora_on_fp8_weights_is_within_fp8_error_of_the_full_precision_lora(h):
     err = rel(low, full)
     assert err <= 0.1, err  # fp8-class error
     assert err < 0.5 * rel(without, full), "on fp8 weights the LoRA did (almost) nothing"
+
+
+def test_core_lora_loader_works_on_our_model_for_native_keys(h):
+    """Attribute names equal the checkpoint keys, so core's LoraLoaderModelOnly finds the weights too."""
+    ours = lora_graph("lora_ours_native", [(A.LORA, 0.7)])
+    run(h, ours)
+    core = copy.deepcopy(ours)
+    lk = next(k for k, n in core.items() if n["class_type"] == "Krea2LoraLoader")
+    core[lk] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": core[lk]["inputs"]["model"],
+                                                               "lora_name": A.LORA, "strength_model": 0.7}}
+    nodes_of(core, "SaveLatent")[0][1]["inputs"]["filename_prefix"] = "lora_core_native"
+    run(h, core)
+    a = read_latent(saved(h, "lora_ours_native", ".latent"))
+    b = read_latent(saved(h, "lora_core_native", ".latent"))
+    assert rel(b, a) <= 1e-5
