@@ -83,7 +83,7 @@ class Native:
                                    operations=self.ops.disable_weight_init)
         m.load_state_dict({k: (v.float() if k.endswith(".scale") else v.to(dtype)) for k, v in sd.items()},
                           assign=True)
-        return m.to(device).eval()
+        return (m if device is None else m.to(device)).eval()
 
     def use_attention(self, which: str):
         """``'default'`` (what ComfyUI picked for this device) or ``'sdpa'`` (its PyTorch attention)."""
@@ -146,10 +146,17 @@ class Floor:
     def __init__(self, model, args, kwargs=None):
         self.linears, self.attn = [], []
         hooks = []
+        bufs = {}
+
+        def buf(shape, like):  # one random input per shape (keeps the replay's memory small)
+            key = (tuple(shape), like.dtype, like.device)
+            if key not in bufs:
+                bufs[key] = torch.randn(shape, dtype=like.dtype, device=like.device)
+            return bufs[key]
 
         def pre(mod, inp):
             x = inp[0]
-            self.linears.append((torch.randn(x.shape, dtype=x.dtype, device=x.device), mod.weight, mod.bias))
+            self.linears.append((buf(x.shape, x), mod.weight, mod.bias))
         for mod in model.modules():
             if isinstance(mod, torch.nn.Linear):
                 hooks.append(mod.register_forward_pre_hook(pre))
@@ -157,8 +164,8 @@ class Floor:
         def rec(q, k, v, mask):
             b, h, l, d = q.shape
             hkv = k.shape[1]
-            qg = torch.randn(b, hkv, (h // hkv) * l, d, dtype=q.dtype, device=q.device)
-            self.attn.append((qg, torch.randn_like(k), torch.randn_like(v), mask))
+            qg = buf((b, hkv, (h // hkv) * l, d), q)
+            self.attn.append((qg, buf(k.shape, k), buf(v.shape, v), mask))  # k and v may share a buffer
             return k2attention.sdpa_attention(q, k, v, mask)
         k2attention.set_attention_backend(rec)
         try:
