@@ -108,21 +108,28 @@ def find_chromium():
     return None
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    """A headless Chromium (Playwright ``Browser``); skips the browser tier with one reason when absent."""
+def skip_without_browser():
+    """Skip (one reason, kept for the summary) when Playwright or a system Chromium is missing.
+    Cheap: tests call it before starting a host."""
     if isinstance(_BROWSER["state"], str) and _BROWSER["state"].startswith("browser tier skipped"):
         pytest.skip(_BROWSER["state"])
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         _BROWSER["state"] = "browser tier skipped: Playwright is not installed (pip install playwright)"
         pytest.skip(_BROWSER["state"])
-    exe = find_chromium()
-    if exe is None:
+    if find_chromium() is None:
         where = os.environ.get("KREA2_CHROMIUM") or "/usr/bin/chromium"
         _BROWSER["state"] = f"browser tier skipped: no Chromium at {where} (apt-get install chromium)"
         pytest.skip(_BROWSER["state"])
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A headless Chromium (Playwright ``Browser``); skips the browser tier with one reason when absent."""
+    skip_without_browser()
+    from playwright.sync_api import sync_playwright
+    exe = find_chromium()
     pw = sync_playwright().start()
     try:
         browser = pw.chromium.launch(executable_path=exe, headless=True,

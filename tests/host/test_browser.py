@@ -12,7 +12,8 @@ canvas as a file (the frontend's own drop handler loads it, as when a user drags
   ``example_workflows/api/`` (modulo ``_meta``);
 - with the size widgets set to 128 px in the page, the Run (queue) button runs the graph to a finished
   image preview in the SaveImage node;
-- a screenshot of the finished graph and the frontend's export go to ``test-artifacts/browser/``.
+- a screenshot of the finished graph and the frontend's export go to
+  ``test-artifacts/browser/ComfyUI-<version>/`` (``KREA2_TEST_ARTIFACTS`` moves ``test-artifacts``).
 
 A copy with a misspelt node ID must be caught by the same checks (so the checks cannot go blind
 when the frontend changes how it warns).
@@ -22,11 +23,13 @@ import copy
 import glob
 import json
 import os
+import re
 import time
 
 import pytest
 
 from comfy_host import PACK_DIRNAME
+from conftest import skip_without_browser
 from tests.host import assets as A
 
 pytestmark = pytest.mark.browser
@@ -145,9 +148,17 @@ JS_PREVIEW = """() => {
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def bhost(chromium, host):
-    """The main host with the tiny assets (same attributes as test_host_nodes' ``h``) and settings."""
+# The main host only by default (keeps the tier near 2.5 min on two CPU cores); KREA2_BROWSER_OLD=1
+# adds the old host (ComfyUI 0.3.64 and its older frontend).
+BROWSER_HOSTS = ["host", "host_old"] if os.environ.get("KREA2_BROWSER_OLD") == "1" else ["host"]
+
+
+@pytest.fixture(scope="session", params=BROWSER_HOSTS)
+def bhost(request):
+    """A host with the tiny assets (same attributes as test_host_nodes' ``h``) and clean-load settings.
+    Skips before starting anything when Playwright or Chromium is missing."""
+    skip_without_browser()
+    host = request.getfixturevalue(request.param)
     if not getattr(host, "_krea2_assets", None):
         host._krea2_assets = A.make_assets(str(host.models_dir), host.python, str(host.comfy_dir))
         host.root = str(host.comfy_dir)
@@ -204,7 +215,8 @@ class Page:
             parts.append("page errors:\n  " + "\n  ".join(self.page_errors[-10:]))
         if self.console_errors:
             parts.append("console errors:\n  " + "\n  ".join(self.console_errors[-10:]))
-        parts.append("server log tail:\n" + self.host.log_tail(25))
+        tail = re.sub(r"\x1b\[[0-9;]*m", "", self.host.log_tail(15))
+        parts.append("server log tail:\n" + tail)
         return "\n".join(parts)
 
     def click_run(self):
@@ -316,19 +328,23 @@ def run_in_page(pg: Page, timeout_s=300) -> dict:
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=os.path.basename)
-def test_example_workflow_in_the_frontend(chromium, bhost, path):
+def test_example_workflow_in_the_frontend(bhost, chromium, path):
     name = os.path.basename(path)
     stem = name[:-len(".json")]
     text = open(path).read()
     ui = json.loads(text)
     twin = json.load(open(os.path.join(ROOT, "example_workflows", "api", name)))
-    os.makedirs(ARTIFACTS, exist_ok=True)
+    out_dir = os.path.join(ARTIFACTS, f"ComfyUI-{bhost.version}")
+    os.makedirs(out_dir, exist_ok=True)
+    failed_shot = os.path.join(out_dir, f"{stem}.load-failed.png")
+    if os.path.exists(failed_shot):
+        os.remove(failed_shot)
     pg = Page(chromium, bhost)
     try:
         pg.drop_file(name, text, expect_nodes=len(ui["nodes"]))
         problems = problems_after_load(pg, ui)
         if problems:
-            pg.page.screenshot(path=os.path.join(ARTIFACTS, f"{stem}.load-failed.png"))
+            pg.page.screenshot(path=failed_shot)
         assert not problems, f"{name} loaded with problems:\n  " + "\n  ".join(problems) + "\n" + pg.diagnostics()
 
         problems = check_our_nodes(pg) + check_defaults(pg)
@@ -336,10 +352,11 @@ def test_example_workflow_in_the_frontend(chromium, bhost, path):
 
         # The frontend's own export of the loaded file equals the API twin (the twins stay in step).
         exported = pg.evaluate("async () => (await window.app.graphToPrompt()).output")
-        with open(os.path.join(ARTIFACTS, f"{stem}.frontend_api.json"), "w") as f:
+        export_path = os.path.join(out_dir, f"{stem}.frontend_api.json")
+        with open(export_path, "w") as f:
             json.dump(exported, f, indent=2)
         assert strip_meta(exported) == strip_meta(twin), (
-            f"{name}: the frontend's export (test-artifacts/browser/{stem}.frontend_api.json) differs from "
+            f"{name}: the frontend's export ({os.path.relpath(export_path, ROOT)}) differs from "
             f"example_workflows/api/{name}")
 
         # As a user would: smaller image size in the page, then Run, then wait for the preview.
@@ -354,7 +371,7 @@ def test_example_workflow_in_the_frontend(chromium, bhost, path):
                 assert (bhost.output_dir / img.get("subfolder", "") / img["filename"]).is_file()
 
         pg.fit_view()
-        shot = os.path.join(ARTIFACTS, f"{stem}.png")
+        shot = os.path.join(out_dir, f"{stem}.png")
         pg.page.screenshot(path=shot)
         assert os.path.getsize(shot) > 10_000
         print(f"{name}: page ready in {pg.load_seconds:.1f} s, ran in {done['seconds']:.1f} s "
@@ -363,7 +380,7 @@ def test_example_workflow_in_the_frontend(chromium, bhost, path):
         pg.close()
 
 
-def test_misspelt_node_id_is_caught(chromium, bhost):
+def test_misspelt_node_id_is_caught(bhost, chromium):
     """The load checks above see a workflow whose node ID is misspelt (and the frontend warns)."""
     path = os.path.join(ROOT, "example_workflows", "krea2_turbo_text_to_image.json")
     ui = json.load(open(path))
