@@ -103,17 +103,21 @@ def load_clip(path: str):
     tok_cls(None)  # tokenizer errors now, at load time, naming the file
     target = comfy.supported_models_base.ClipTarget(tok_cls, Krea2ClipModel)
     target.params = {"text_config": dict(ck.config.__dict__)}
-    params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
-    clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=params,
+    n_params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
+    clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=n_params,
                          model_options={})
-    pbar = comfy.utils.ProgressBar(len(ck.keys()))
-    sd = {}
-    for k in ck.keys():
-        sd[k] = ck.dequantized(k)
-        pbar.update(1)
-    missing, unexpected = clip.cond_stage_model.transformer.load_state_dict(sd, strict=False)
+    # one tensor at a time straight into the host-built parameters: peak memory = model + one tensor
+    params = dict(clip.cond_stage_model.transformer.named_parameters())
+    missing = [k for k in ck.keys() if k not in params]
     if missing:
-        raise Krea2Error(f"{path}: text encoder tensors not loaded: {missing[:5]}")
+        raise Krea2Error(f"{path}: text encoder tensors without a place in the model: {missing[:5]}")
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    pbar = comfy.utils.ProgressBar(len(ck.keys()))
+    with torch.no_grad():
+        for k in ck.keys():
+            p = params[k]
+            p.copy_(ck.dequantized(k, keep_fp8=p.dtype in fp8))
+            pbar.update(1)
     log.info("Krea 2: text encoder %s (%s layout, %d layers, hidden %d)", os.path.basename(path.rstrip('/')),
              ck.layout, ck.config.layers, ck.config.hidden)
     return clip
