@@ -305,6 +305,7 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
     params = dict(model.named_parameters())
     keys = ck.keys()
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    on_cpu = torch.device(device).type == "cpu"
     for i, k in enumerate(keys):
         stored = ck.source_dtype(k)
         if k.endswith(".scale"):
@@ -315,13 +316,16 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
             target = stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
         else:
             target = None
-        if ck.src.streams and stored is not None and target is not None and (stored not in fp8 or (
-                target in fp8 and ck.quant_scale(k) is None)):
-            # Stream straight into a tensor of the kept dtype: peak memory is what is kept plus one
-            # read chunk, whatever the stored dtype (a bf16 file kept as fp8 never holds a bf16 copy).
+        zero_copy = stored == target and on_cpu  # safetensors hands out pages of its memory map
+        if ck.src.streams and not zero_copy and stored is not None and target is not None and (
+                stored not in fp8 or (target in fp8 and ck.quant_scale(k) is None)):
+            # A cast or another device: stream straight into a tensor of the kept dtype, so peak
+            # memory is what is kept plus one read chunk (a bf16 file kept as fp8 never holds a bf16
+            # copy, and no file page stays mapped). Same dtype on the CPU keeps the memory map:
+            # nothing is copied, pages come in on first use and stay evictable (file-backed).
             out = torch.empty(ck.shape(k), dtype=target)
             ck.load_into(k, out)
-            _set_tensor(model, k, out.to(device) if torch.device(device).type != "cpu" else out)
+            _set_tensor(model, k, out if on_cpu else out.to(device))
             if progress:
                 progress(i + 1, len(keys))
             continue
