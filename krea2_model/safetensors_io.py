@@ -145,7 +145,7 @@ def _read_exact(fd: int, view: memoryview, offset: int, path: str, key: str) -> 
         done += n
 
 
-def _stream_into(path: str, base: int, key: str, info: dict, out: torch.Tensor) -> torch.Tensor:
+def _stream_into(path: str, base: int, key: str, info: dict, out: torch.Tensor, scratch: dict) -> torch.Tensor:
     src_dtype = _ST_DTYPES.get(info.get("dtype"))
     if src_dtype is None:
         raise Krea2FileError(f"{path}: tensor '{key}' has dtype {info.get('dtype')!r}, which Krea 2 cannot read.")
@@ -167,12 +167,27 @@ def _stream_into(path: str, base: int, key: str, info: dict, out: torch.Tensor) 
                 _read_exact(fd, memoryview(flat.view(torch.uint8).numpy()), base + start, path, key)
             return out
         per = max(1, READ_CHUNK // src_dtype.itemsize)
-        buf = torch.empty(min(per, numel) * src_dtype.itemsize, dtype=torch.uint8)
+        # One read buffer (and one float32 staging buffer) for the whole load: allocating and freeing
+        # chunk-sized buffers per tensor between the kept allocations leaves holes in the malloc heap
+        # whose pages stay resident (measured: +0.45 GiB on a 2.85 GiB file).
+        need = min(per, numel) * src_dtype.itemsize
+        if scratch.get("buf") is None or scratch["buf"].numel() < need:
+            scratch["buf"] = torch.empty(max(need, min(READ_CHUNK, 1 << 20)), dtype=torch.uint8)
+            scratch["f32"] = None
+        buf = scratch["buf"]
+        direct = out.dtype.is_floating_point and out.dtype.itemsize >= 2
+        if not direct and (scratch.get("f32") is None or scratch["f32"].numel() < min(per, numel)):
+            scratch["f32"] = torch.empty(buf.numel() // src_dtype.itemsize, dtype=torch.float32)
         for i in range(0, numel, per):
             n = min(per, numel - i)
             chunk = buf[:n * src_dtype.itemsize]
             _read_exact(fd, memoryview(chunk.numpy()), base + start + i * src_dtype.itemsize, path, key)
-            flat[i:i + n].copy_(chunk.view(src_dtype))
+            if direct:
+                flat[i:i + n].copy_(chunk.view(src_dtype))
+            else:  # to fp8 through preallocated float32, so the cast allocates nothing per chunk
+                f32 = scratch["f32"][:n]
+                f32.copy_(chunk.view(src_dtype))
+                flat[i:i + n].copy_(f32)
         return out
     finally:
         os.close(fd)
@@ -200,8 +215,10 @@ def open_safetensors(path: str) -> TensorSource:
     with open(path, "rb") as f:
         base = 8 + struct.unpack("<Q", f.read(8))[0]
 
+    scratch: dict = {}
+
     def read_into(key, out):
-        return _stream_into(path, base, key, header[key], out)
+        return _stream_into(path, base, key, header[key], out, scratch)
 
     return TensorSource(shapes, get, path, meta, dtypes, reader=read_into)
 
