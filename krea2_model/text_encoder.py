@@ -316,9 +316,16 @@ class Krea2TextEncoder:
         """The real-token ids of ``text`` in Krea 2's template (see :func:`~krea2_model.prompt.build_prompt_ids`)."""
         return build_prompt_ids(self.tokenizer, text, max_tokens)
 
-    @torch.no_grad()
     def encode(self, text: str, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
-               device=None, dtype=None) -> Encoding:
+               device=None, dtype=None) -> torch.Tensor:
+        """DESIGN.md's contract: the conditioning ``(1, n, len(taps) * hidden)`` of ``text``, real tokens
+        only, so ``n`` (its second size) is the number of real tokens. :meth:`encode_prompt` also gives the
+        prompt's length before truncation."""
+        return self.encode_prompt(text, taps, max_tokens, device, dtype).cond
+
+    @torch.no_grad()
+    def encode_prompt(self, text: str, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
+                      device=None, dtype=None) -> Encoding:
         """``text`` -> :class:`Encoding` ``(cond (1, n, len(taps) * hidden), n, prompt_tokens_total)``.
 
         ``n`` = kept prompt tokens (at most ``max_tokens - 5``; a warning gives the count when the prompt is

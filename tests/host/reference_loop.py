@@ -32,8 +32,8 @@ def main(spec_path, out_path):
             source = merge_into(source, parse_lora(path, ck.config)[0], strength)
     model = load_transformer(source, dtype=torch.float32)
     te = load_text_encoder(s["text_encoder"], tokenizer=s.get("tokenizer"), dtype=torch.float32)
-    cond = te.encode(s["prompt"]).cond.float()
-    uncond = te.encode(s["negative"]).cond.float() if s.get("negative") is not None else torch.zeros_like(cond)
+    cond = te.encode(s["prompt"]).float()
+    uncond = te.encode(s["negative"]).float() if s.get("negative") is not None else torch.zeros_like(cond)
     h, w = s["height"] // 8, s["width"] // 8
     g = torch.manual_seed(s["seed"])
     x = torch.randn((1, 16, 1, h, w), generator=g, device="cpu")

@@ -282,7 +282,7 @@ def test_unpadded_equals_reference_padded(reference, case, text, prompt_tokens, 
     cfg, pipe, ours = reference
     want, mask = reference_rows(pipe, text, cfg)
     with caplog.at_level(logging.WARNING, logger="krea2"):
-        got = ours.encode(text, taps=TAPS)
+        got = ours.encode_prompt(text, taps=TAPS)
     if prompt_tokens is not None:
         assert got.prompt_tokens_total == prompt_tokens
     assert got.tokens == min(got.prompt_tokens_total, 507) + 5 == int(mask.sum())
@@ -293,6 +293,7 @@ def test_unpadded_equals_reference_padded(reference, case, text, prompt_tokens, 
         assert len(warned) == 1 and "600 tokens" in warned[0] and "507" in warned[0] and "93" in warned[0]
     else:
         assert not warned
+    assert torch.equal(ours.encode(text, taps=TAPS), got.cond)  # the public contract: the tensor itself
 
 
 def test_reference_positions_matter(reference):
@@ -305,7 +306,7 @@ def test_reference_positions_matter(reference):
     pos[-5:] += 541 - (len(p.ids) - 5)  # suffix placed after the padding
     with torch.no_grad():
         shifted = ours.model(ids, TAPS, positions=pos)[:, p.prefix_len:]
-    good = ours.encode("a cat", taps=TAPS).cond
+    good = ours.encode("a cat", taps=TAPS)
     assert rel(shifted[:, -5:], good[:, -5:]) > 1e-3
     assert torch.equal(shifted[:, :-5], good[:, :-5])
 
@@ -343,7 +344,7 @@ def test_every_layout_gives_identical_tensors(tiny_files):
         for k, v in base_sd.items():
             assert torch.equal(sd[k], v), (layout, k)
         assert enc.config == CONFIGS["tiny"]
-        results[layout] = enc.encode("a cat on a mat", taps=(1, 3, 4)).cond
+        results[layout] = enc.encode("a cat on a mat", taps=(1, 3, 4))
     first = results["full"]
     for layout, c in results.items():
         assert torch.equal(c, first), layout
@@ -581,7 +582,7 @@ def test_host_tokenizer_fallback(tmp_path, monkeypatch, vocab_only_dir):
     monkeypatch.setattr(sys, "path", sys.path + [str(root)])
     enc = load_text_encoder(p)
     assert enc.tokenizer.where == str(host_tok)
-    assert enc.encode("a cat", taps=(1,)).tokens == 7
+    assert enc.encode_prompt("a cat", taps=(1,)).tokens == enc.encode("a cat", taps=(1,)).shape[1] == 7
     monkeypatch.setenv("COMFYUI_PATH", str(root))
     assert find_tokenizer(p).where == str(host_tok)
 
