@@ -80,10 +80,10 @@ def main():
     cpu = torch.device("cpu")
 
     def run_ours():
-        return ours.encode(prompt, taps=TAPS).cond
+        return ours.encode(prompt, taps=TAPS)
 
     def run_ours_all():
-        return ours.encode(prompt, taps=TAPS_ALL).cond
+        return ours.encode(prompt, taps=TAPS_ALL)
 
     def run_padded():
         with torch.no_grad():
