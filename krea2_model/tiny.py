@@ -81,6 +81,26 @@ def diffusers_config(cfg: Krea2Config) -> dict:
                 rope_theta=cfg.rope_theta, norm_eps=cfg.eps)
 
 
+def write_shards(tensors: dict, folder: str, stem: str, shards: int = 2) -> dict:
+    """``tensors`` as ``folder/<stem>-0000i-of-0000n.safetensors`` plus ``<stem>.safetensors.index.json``
+    (the Hugging Face sharded layout); returns the weight map."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    keys = sorted(tensors)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in keys[i * per:(i + 1) * per]}
+        save_file(part, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(folder, stem + ".safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
+                   "weight_map": weight_map}, f, indent=1)
+    return weight_map
+
+
 def write(sd: dict, path: str, layout: str, cfg: Krea2Config | None = None, shards: int = 2) -> str:
     """Write canonical ``sd`` at ``path`` in ``layout``; returns the file or folder written."""
     from safetensors.torch import save_file
@@ -90,18 +110,7 @@ def write(sd: dict, path: str, layout: str, cfg: Krea2Config | None = None, shar
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_file(data, path, metadata={"format": "pt"})
         return path
-    os.makedirs(path, exist_ok=True)
-    keys = list(data)
-    per = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: data[k] for k in keys[i * per:(i + 1) * per]}
-        save_file(part, os.path.join(path, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    with open(os.path.join(path, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in data.values())},
-                   "weight_map": weight_map}, f, indent=1)
+    write_shards(data, path, "diffusion_pytorch_model", shards)
     if cfg is not None:
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"_class_name": "Krea2Transformer2DModel", **diffusers_config(cfg)}, f, indent=1)

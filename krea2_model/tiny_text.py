@@ -34,6 +34,7 @@ import torch
 from .prompt import ENDOFTEXT, IM_END, IM_START, PREFIX, QWEN_SPLIT
 from .qwen3 import Qwen3TextConfig
 from .text_encoder import expected_text_shapes
+from .tiny import write_shards
 
 CONFIGS = {
     # 2:1 GQA, 6 layers, fits the tiny tokenizer (434 ids)
@@ -212,17 +213,7 @@ def write(sd: dict, path: str, layout: str, cfg: Qwen3TextConfig | None = None, 
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         _save(tensors, path)
         return path
-    os.makedirs(path, exist_ok=True)
-    keys = sorted(tensors)
-    per = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in keys[i * per:(i + 1) * per]}
-        _save(part, os.path.join(path, name))
-        weight_map.update({k: name for k in part})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    write_shards(tensors, path, "model", shards)
     text = dict(hf_text_config(cfg), model_type="qwen3_vl_text")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
