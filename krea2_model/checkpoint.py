@@ -28,7 +28,7 @@ log = logging.getLogger("krea2")
 HOST_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 #: Tensors that belong to a quantized weight and travel with it (ComfyUI scaled-fp8 and quant formats).
 QUANT_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant",
-                  ".weight_scale_2")
+                  ".weight_scale_2", ".pre_quant_scale")
 #: Whole-file marker tensors of ComfyUI's scaled-fp8 files; not weights.
 MARKER_KEYS = ("scaled_fp8",)
 
@@ -188,6 +188,24 @@ def infer_config(shapes: dict, where: str = "checkpoint") -> Krea2Config:
     return cfg
 
 
+def check_tensors(shapes: dict, want: dict, where: str, what: str, file_key, size: str) -> None:
+    """Raise :class:`MissingTensorsError` (count and first names) or :class:`ShapeMismatchError` (file key,
+    shape seen, shape expected) unless canonical ``shapes`` cover ``want``. ``file_key`` maps a canonical
+    name to the file's name for it (present or missing); ``size`` describes the inferred model size."""
+    missing = [k for k in want if k not in shapes]
+    if missing:
+        raise MissingTensorsError(
+            f"{where}: {len(missing)} of the {len(want)} {what} tensors are missing (first: "
+            f"{first_names([file_key(m) for m in missing])}). The file is incomplete or a "
+            "partial export; download the full checkpoint.")
+    for k, shp in want.items():
+        if shapes[k] != shp:
+            raise ShapeMismatchError(
+                f"{where}: tensor '{file_key(k)}' has shape {list(shapes[k])}, expected {list(shp)} for the "
+                f"{what} size inferred from the rest of the file ({size}). The file mixes tensors of different "
+                "models or is corrupt.")
+
+
 def expected_shapes(cfg: Krea2Config) -> dict:
     with torch.device("meta"):
         m = Krea2Transformer(cfg)
@@ -221,18 +239,8 @@ class CanonicalCheckpoint:
                   for c, v in shapes.items()}
         self.config = infer_config(shapes, self.where)
         want = expected_shapes(self.config)
-        missing = [k for k in want if k not in shapes]
-        if missing:
-            raise MissingTensorsError(
-                f"{self.where}: {len(missing)} of the {len(want)} Krea 2 tensors are missing "
-                f"(first: {first_names(missing)}). The file is incomplete or a partial export; download the full "
-                "checkpoint.")
-        for k, shp in want.items():
-            if shapes[k] != shp:
-                raise ShapeMismatchError(
-                    f"{self.where}: tensor '{self.keymap[k]}' has shape {list(shapes[k])}, expected {list(shp)} for the "
-                    f"model size inferred from the rest of the file (hidden {self.config.hidden}, head size "
-                    f"{self.config.head_dim}). The file mixes tensors of different models or is corrupt.")
+        check_tensors(shapes, want, self.where, "Krea 2", lambda k: self.keymap.get(k, k),
+                      f"hidden {self.config.hidden}, head size {self.config.head_dim}")
         extra = [self.keymap[k] for k in shapes if k not in want]
         extra += [s for c, s in self.aux.items() if c not in MARKER_KEYS and
                   c.rsplit(".", 1)[0] + ".weight" not in want]

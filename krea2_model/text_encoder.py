@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from .checkpoint import MARKER_KEYS, QUANT_SUFFIXES, check_tensors
 from .errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, WrongTextEncoderError, first_names
 from .prompt import MAX_TOKENS, PromptIds, QwenTokenizer, build_prompt_ids, find_tokenizer
 from .qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
@@ -30,9 +31,6 @@ from .safetensors_io import TensorSource, open_source
 log = logging.getLogger("krea2")
 
 _ANCHOR = "layers.0.self_attn.q_proj.weight"
-QUANT_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant",
-                  ".weight_scale_2", ".pre_quant_scale")
-MARKER_KEYS = ("scaled_fp8",)
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 __all__ = ["DEFAULT_TAPS", "Encoding", "Krea2TextEncoder", "TextCheckpoint", "load_text_encoder", "load_text_model",
@@ -192,19 +190,9 @@ class TextCheckpoint:
         shapes = {c: self.src.shape(s) for c, s in self.keymap.items()}
         self.config = infer_text_config(shapes, self.where, hf)
         want = expected_text_shapes(self.config)
-        missing = [k for k in want if k not in shapes]
-        if missing:
-            raise MissingTensorsError(
-                f"{self.where}: {len(missing)} of the {len(want)} text-encoder tensors are missing (first: "
-                f"{first_names([self.prefix + m for m in missing])}). The file is incomplete or a partial export; "
-                "download the full checkpoint.")
-        for k, shp in want.items():
-            if shapes[k] != shp:
-                raise ShapeMismatchError(
-                    f"{self.where}: tensor '{self.keymap[k]}' has shape {list(shapes[k])}, expected {list(shp)} for the "
-                    f"text-encoder size inferred from the rest of the file (hidden {self.config.hidden}, head size "
-                    f"{self.config.head_dim}, {self.config.heads}/{self.config.kv_heads} heads). The file mixes "
-                    "tensors of different models or is corrupt.")
+        check_tensors(shapes, want, self.where, "text-encoder", lambda k: self.keymap.get(k, self.prefix + k),
+                      f"hidden {self.config.hidden}, head size {self.config.head_dim}, "
+                      f"{self.config.heads}/{self.config.kv_heads} heads")
         self.ignored = ignored + [self.keymap[k] for k in shapes if k not in want]
         self._shapes = {k: shapes[k] for k in want}
 

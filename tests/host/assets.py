@@ -12,7 +12,6 @@ import os
 import subprocess
 import textwrap
 
-import torch
 
 from krea2_model import Krea2Config
 from krea2_model.qwen3 import Qwen3TextConfig

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from krea2_model import LoraError, Krea2FileError, load_transformer
 from krea2_model import lora as L

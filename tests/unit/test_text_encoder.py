@@ -8,7 +8,6 @@ and the same tiny tokenizer (built with ``tokenizers``; no Qwen vocabulary files
 import json
 import logging
 import os
-import struct
 import sys
 
 import pytest

@@ -1,6 +1,5 @@
 """Transformer parity with diffusers 0.42.1 and checkpoint layouts (issue: transformer foundation)."""
 
-import json
 import os
 import struct
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.ui_to_api import WIDGETS, ui_to_api
+from tests.ui_to_api import ui_to_api
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 UI_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
