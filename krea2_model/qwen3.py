@@ -97,8 +97,12 @@ class Qwen3Attention(nn.Module):
         self.q_norm = QwenRMSNorm(d, cfg.eps, dtype=dtype, device=device)
         self.k_norm = QwenRMSNorm(d, cfg.eps, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x (B, L, C)``, ``rope`` = ``(cos, sin)`` from :func:`rope_tables` -> ``(B, L, C)``."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], past=None,
+                keep: list | None = None) -> torch.Tensor:
+        """``x (B, L, C)``, ``rope`` = ``(cos, sin)`` from :func:`rope_tables` -> ``(B, L, C)``.
+
+        ``past``: ``(k, v)`` ``(B, Hkv, P, D)`` of ``P`` earlier tokens (after norm and RoPE) that ``x``'s
+        tokens also attend to; ``keep``: a list this layer's own ``(k, v)`` is appended to."""
         b, l, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, l, self.heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, l, self.kv_heads, self.head_dim)).transpose(1, 2)
@@ -106,7 +110,15 @@ class Qwen3Attention(nn.Module):
         cos, sin = rope
         q = apply_rope_half(q, cos, sin)
         k = apply_rope_half(k, cos, sin)
-        out = attention(q.contiguous(), k.contiguous(), v.contiguous(), None, is_causal=True)
+        if keep is not None:
+            keep.append((k, v))
+        if past is None:
+            out = attention(q.contiguous(), k.contiguous(), v.contiguous(), None, is_causal=True)
+        else:  # query i sits at position P + i: it sees every earlier token and itself
+            p = past[0].shape[2]
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            allowed = torch.ones(l, p + l, dtype=torch.bool, device=x.device).tril_(p).view(1, 1, l, p + l)
+            out = attention(q.contiguous(), k.contiguous(), v.contiguous(), allowed)
         return self.o_proj(out)
 
 
@@ -134,8 +146,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = QwenRMSNorm(cfg.hidden, cfg.eps, dtype=dtype, device=device)
         self.post_attention_layernorm = QwenRMSNorm(cfg.hidden, cfg.eps, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def forward(self, x: torch.Tensor, rope, past=None, keep: list | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, past, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,13 +181,15 @@ class Qwen3TextModel(nn.Module):
         return taps
 
     def forward(self, input_ids: torch.Tensor, taps: Sequence[int] = DEFAULT_TAPS,
-                positions: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, dtype=None, past: list | None = None,
+                keep: list | None = None) -> torch.Tensor:
         """``input_ids (B, L)`` int -> ``(B, L, len(taps) * hidden)``, layer-major per token (token ``l``
         holds tap 0's ``hidden`` values, then tap 1's, ...).
 
         ``positions (L,)`` are the RoPE positions (default ``0..L-1``). Every token attends causally to
         every earlier token: feed real tokens only, no padding. ``dtype`` is the compute dtype
-        (default: the embedding's)."""
+        (default: the embedding's). ``past``: per-layer ``(k, v)`` of earlier tokens (positions then
+        default to following them); ``keep``: a list each layer's ``(k, v)`` is appended to."""
         taps = self.check_taps(taps)
         deepest = max(taps)
         x = self.embed_tokens(input_ids)
@@ -183,11 +197,49 @@ class Qwen3TextModel(nn.Module):
             x = x.to(dtype)
         l = input_ids.shape[1]
         if positions is None:
-            positions = torch.arange(l, device=x.device)
+            start = past[0][0].shape[2] if past else 0
+            positions = torch.arange(start, start + l, device=x.device)
         rope = rope_tables(positions.to(x.device), self.config.head_dim, self.config.rope_theta, x.dtype)
         got = {0: x} if 0 in taps else {}
         for i in range(deepest):
-            x = self.layers[i](x, rope)
+            x = self.layers[i](x, rope, past[i] if past else None, keep)
             if i + 1 in taps:
                 got[i + 1] = x
         return torch.cat([got[t] for t in taps], dim=-1)
+
+    @torch.no_grad()
+    def forward_after_prefix(self, input_ids: torch.Tensor, prefix_len: int, taps: Sequence[int] = DEFAULT_TAPS,
+                             dtype=None) -> torch.Tensor:
+        """:meth:`forward` rows ``prefix_len:`` of ``input_ids (1, L)``, reusing the prefix's keys and
+        values from the previous call when the prefix ids, dtype, device, depth and weights are the same.
+
+        The text tower is causal, so a prompt never changes its system prefix's states: Krea 2's
+        34-token template prefix is computed once, and each prompt then costs only its own tokens."""
+        taps = self.check_taps(taps)
+        deepest = max(taps)
+        prefix = input_ids[:, :prefix_len]
+        key = (tuple(prefix.reshape(-1).tolist()), dtype, str(input_ids.device), deepest, self._weights_key())
+        cached = getattr(self, "_prefix_cache", None)
+        if cached is None or cached[0] != key:
+            kv: list = []
+            self.forward(prefix, taps, dtype=dtype, keep=kv)
+            cached = self._prefix_cache = (key, kv)
+        return self.forward(input_ids[:, prefix_len:], taps, dtype=dtype, past=cached[1])
+
+    def _weights_key(self) -> tuple:
+        """Identity, version and storage of every weight, and any host weight hooks: a changed or patched
+        weight (ComfyUI LoRA patches replace or rewrite parameters, or hook them) invalidates the cache."""
+        out = []
+        for mod in self.modules():
+            for p in mod._parameters.values():
+                if p is not None:
+                    try:
+                        ver = p._version
+                    except RuntimeError:
+                        ver = -1
+                    out.append((id(p), ver, p.data_ptr(), p.device.type))
+            for attr in ("weight_function", "bias_function"):
+                fns = getattr(mod, attr, None)
+                if fns:
+                    out.append(tuple(id(f) for f in fns))
+        return tuple(out)

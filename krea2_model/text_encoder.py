@@ -292,6 +292,8 @@ class Krea2TextEncoder:
     """Qwen3-VL taps for Krea 2: ``model`` (:class:`Qwen3TextModel`) + ``tokenizer`` (:class:`QwenTokenizer`)."""
 
     def __init__(self, model: Qwen3TextModel, tokenizer: QwenTokenizer, where: str = ""):
+        #: reuse the 34-token system prefix's keys/values across prompts (exact: the tower is causal)
+        self.reuse_prefix = True
         self.model = model
         self.tokenizer = tokenizer
         self.where = where
@@ -329,8 +331,11 @@ class Krea2TextEncoder:
                                      f"vocabulary has {self.config.vocab} entries: tokenizer and model do not belong "
                                      "together.")
         ids = torch.tensor([p.ids], dtype=torch.long, device=dev)
-        h = self.model(ids, taps, dtype=dtype)
-        return Encoding(h[:, p.prefix_len:], p.real_tokens, p.prompt_tokens_total)
+        if self.reuse_prefix:  # the template prefix's states are computed once and reused
+            h = self.model.forward_after_prefix(ids, p.prefix_len, taps, dtype=dtype)
+        else:
+            h = self.model(ids, taps, dtype=dtype)[:, p.prefix_len:]
+        return Encoding(h, p.real_tokens, p.prompt_tokens_total)
 
 
 def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", operations=None,

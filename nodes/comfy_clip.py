@@ -65,11 +65,11 @@ class Krea2ClipModel(torch.nn.Module):
         try:
             # float32 activations whatever the storage (ComfyUI's CLIP sets float32 compute for text
             # encoders too); the host's operations cast each weight as it is used
-            h = self.transformer(ids, taps, dtype=torch.float32)
+            h = self.transformer.forward_after_prefix(ids, t["prefix_len"], taps, dtype=torch.float32)
         finally:
             for hk in hooks:
                 hk.remove()
-        cond = h[:, t["prefix_len"]:].to(mm.intermediate_device(), torch.float32)
+        cond = h.to(mm.intermediate_device(), torch.float32)
         if cond.shape[-1] != len(taps) * cfg.hidden:
             raise Krea2Error("internal: unexpected conditioning width")
         return cond, None, {}
