@@ -218,13 +218,15 @@ class Qwen3TextModel(nn.Module):
         taps = self.check_taps(taps)
         deepest = max(taps)
         prefix = input_ids[:, :prefix_len]
-        key = (tuple(prefix.reshape(-1).tolist()), dtype, str(input_ids.device), deepest, self._weights_key())
+        key = (tuple(prefix.reshape(-1).tolist()), dtype, str(input_ids.device), self._weights_key())
         cached = getattr(self, "_prefix_cache", None)
-        if cached is None or cached[0] != key:
-            kv: list = []
-            self.forward(prefix, taps, dtype=dtype, keep=kv)
-            cached = self._prefix_cache = (key, kv)
-        return self.forward(input_ids[:, prefix_len:], taps, dtype=dtype, past=cached[1])
+        if cached is not None and cached[0] == key and len(cached[1]) >= deepest:
+            return self.forward(input_ids[:, prefix_len:], taps, dtype=dtype, past=cached[1])
+        # miss: one ordinary pass over all tokens, keeping the prefix's keys/values on the way
+        kv: list = []
+        h = self.forward(input_ids, taps, dtype=dtype, keep=kv)
+        self._prefix_cache = (key, [(k[:, :, :prefix_len].clone(), v[:, :, :prefix_len].clone()) for k, v in kv])
+        return h[:, prefix_len:]
 
     def _weights_key(self) -> tuple:
         """Identity, version and storage of every weight, and any host weight hooks: a changed or patched
