@@ -23,6 +23,7 @@ import comfy.utils
 
 from ..krea2_model import CanonicalCheckpoint, Krea2Config, Krea2FileError, Krea2Transformer
 from ..krea2_model.checkpoint import _fix_shape as fix_shape
+from .comfy_patcher import patcher_class
 
 log = logging.getLogger("krea2")
 
@@ -173,7 +174,8 @@ def load_model(path: str, weight_dtype: str = "default", model_options: dict | N
         model_config.optimizations["fp8"] = True
 
     model = model_config.get_model(sd, "")
-    patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher_cls = patcher_class(getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher),
+                                load_device)
     patcher = patcher_cls(model, load_device=load_device, offload_device=offload_device)
     if not mm.is_device_cpu(offload_device):
         model.to(offload_device)

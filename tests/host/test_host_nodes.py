@@ -324,6 +324,75 @@ def test_lora_on_fp8_weights_is_within_fp8_error_of_the_full_precision_lora(h):
     assert err < 0.5 * rel(without, full), "on fp8 weights the LoRA did (almost) nothing"
 
 
+PATCH_STYLES = ("comfy", "lycoris-fused", "diff", "dora", "lokr", "loha", "kohya")
+
+
+@pytest.fixture
+def patch_check(h, tmp_path_factory):
+    """``tests/host/lora_patch_check.py`` run in-process by the host's python (the ``--cpu`` device, where
+    the load device is the offload device) on the Turbo asset and a LoRA of each style; once per host."""
+    if getattr(h, "_krea2_patch_check", None) is None:
+        h._krea2_patch_check = _run_patch_check(h, tmp_path_factory.mktemp("patch_check"))
+    return h._krea2_patch_check
+
+
+def _run_patch_check(h, tmp_path):
+    from krea2_model import tiny_lora
+    loras = {}
+    for style in PATCH_STYLES:
+        lo = tiny_lora.make_lora(A.HOST_CFG, style, seed=7, rank=4)
+        loras[style] = str(tmp_path / f"{style}.safetensors")
+        save_file({k: v.clone().contiguous() for k, v in lo.state_dict.items()}, loras[style],
+                  metadata=lo.metadata or None)
+    spec = {"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
+            "model": os.path.join(h.models_dir, "diffusion_models", A.TURBO), "loras": loras,
+            "stack": [loras["comfy"], loras["lycoris-fused"]]}
+    sp = tmp_path / "spec.json"
+    sp.write_text(json.dumps(spec))
+    r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", "lora_patch_check.py"), str(sp)],
+                       capture_output=True, text=True, timeout=600, cwd=h.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("wd", ["default", "fp8_e4m3fn"])
+def test_lora_patching_keeps_no_second_copy_and_unpatches_exactly(patch_check, wd):
+    """Load device == offload device: patched Linear weights are applied at cast time (no backup copy,
+    weights untouched), equal ComfyUI's patch-and-backup result in fp32, and unload leaves every byte and
+    no hook behind."""
+    r = patch_check[wd]
+    assert r["class"] == "Krea2ModelPatcher" and r["same_device"]
+    for style, s in r["styles"].items():
+        ctx = f"{wd} {style}: {json.dumps({k: v for k, v in s.items() if k != 'y_standard'})[:1500]}"
+        assert s["patched_linear"] > 0 and s["effect"] > 1e-3, ctx
+        assert s["backup_linear"] == 0 and s["std_backup_linear"] == s["patched_linear"], ctx
+        assert s["cast_time"] == s["patched_linear_keys"], ctx  # every patched Linear key, once
+        assert s["backup_other"] == s["patched_other"], ctx  # norms / mod tables: ordinary patching
+        assert s["linear_untouched_while_loaded"], ctx
+        assert s["restored_bitexact"] and s["restored_after_standard"] and s["stale_after_unload"] == 0, ctx
+        assert s["output_restored_rel"] <= 1e-6, ctx
+        if wd == "default":
+            assert s["vs_standard"] <= 1e-6, ctx
+    assert r["half_twice_vs_once"] <= 1e-6
+    assert r["partial_unload_vs_loaded"] <= 1e-6 and r["partial_unload_restored"]
+    assert r["forced_baked"] > 0 and r["forced_cast_time"] == 0 and r["forced_restored"]
+    assert r["core_loader_cast_time"] > 0 and r["core_loader_vs_ours"] <= 1e-6 and r["core_loader_restored"]
+    if wd == "default":
+        assert r["stack_vs_standard"] <= 1e-6 and r["forced_vs_cast_time"] <= 1e-6
+
+
+def test_lora_on_fp8_applied_at_cast_time_is_closer_to_full_precision(patch_check):
+    """fp8 storage + LoRA: within fp8-class error of the fp32 LoRA, and no worse than ComfyUI's
+    patch-and-backup path (which rounds every patched weight to fp8 again)."""
+    full, low = patch_check["default"], patch_check["fp8_e4m3fn"]
+    t = lambda v: torch.tensor(v)  # noqa: E731
+    for style in PATCH_STYLES:
+        want = t(full["y"][style])
+        cast = rel(t(low["y"][style]), want)
+        std = rel(t(low["styles"][style]["y_standard"]), want)
+        assert cast <= 0.1 and cast <= std + 1e-3, (style, cast, std)
+
+
 def test_core_lora_loader_works_on_our_model_for_native_keys(h):
     """Attribute names equal the checkpoint keys, so core's LoraLoaderModelOnly finds the weights too."""
     ours = lora_graph("lora_ours_native", [(A.LORA, 0.7)])

@@ -1,0 +1,162 @@
+"""How our LoRA patches live in a real ComfyUI's ModelPatcher, checked in-process on the CPU device.
+
+    <host python> tests/host/lora_patch_check.py spec.json        (cwd: the ComfyUI folder)
+
+``spec.json``: ``{"pack_parent", "pack_name", "model", "loras": {style: path}, "stack": [path, path]}``.
+Prints one JSON line of measurements; ``tests/host/test_host_lora_patching.py`` asserts on it.
+
+For each weight dtype (fp32 file as is, fp8_e4m3fn storage) and each LoRA: the patched model's output
+through ``Krea2LoraLoader``'s path (``comfy_lora.apply_lora`` + ``load_models_gpu``) against the same
+patches on ComfyUI's plain ``ModelPatcher`` (patch-and-backup), what the patcher holds while loaded
+(backups, cast-time patches, untouched weights), and the state after unloading (every parameter's bytes,
+leftover weight functions, the unpatched output). Also: stacking, a partial unload while loaded, a
+``force_patch_weights`` load (what checkpoint saving does) and core's own LoRA loader on our model.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+spec = json.load(open(sys.argv[1]))
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, spec["pack_parent"])
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import importlib  # noqa: E402
+
+import torch  # noqa: E402
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher as mp  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+
+P = spec["pack_name"]
+cm = importlib.import_module(P + ".nodes.comfy_model")
+cl = importlib.import_module(P + ".nodes.comfy_lora")
+cp = importlib.import_module(P + ".nodes.comfy_patcher")
+torch.set_grad_enabled(False)
+CPU = torch.device("cpu")
+
+
+def digests(dm):
+    out = {}
+    for k, p in dm.named_parameters():
+        t = p.detach().contiguous()
+        out[k] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def cast_time_keys(dm):
+    keys = []
+    for n, m in dm.named_modules():
+        for attr, p in (("weight_function", "weight"), ("bias_function", "bias")):
+            keys += [f"{n}.{p}" for f in getattr(m, attr, None) or [] if getattr(f, "krea2_cast_time", False)]
+    return keys
+
+
+def linear_keys(dm):
+    return {f"{n}.{p}" for n, m in dm.named_modules() if hasattr(m, "weight_function") for p in ("weight", "bias")}
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+res = {"comfyui_patcher_default": getattr(mp, "CoreModelPatcher", mp.ModelPatcher).__name__}
+for wd in ("default", "fp8_e4m3fn"):
+    base = cm.load_model(spec["model"], wd)
+    dm = base.model.diffusion_model
+    cfg = dm.config
+    g = torch.Generator().manual_seed(0)  # the same inputs for every weight dtype
+    x = torch.randn(1, cfg.channels, 16, 16, generator=g)
+    ctx = torch.randn(1, 9, cfg.text_taps * cfg.text_dim, generator=g)
+    sigma = torch.tensor([0.7])
+
+    def forward(patcher=None, **kw):
+        if patcher is not None:
+            mm.load_models_gpu([patcher], **kw)
+        return dm(x, sigma, ctx).float()
+
+    lin = linear_keys(dm)
+    saved = digests(dm)
+    r = {"class": type(base).__name__, "same_device": str(base.load_device) == str(base.offload_device)}
+    y0 = forward(base)
+    mm.unload_all_models()
+    r["styles"] = {}
+    outs = {}
+    for style, path in spec["loras"].items():
+        m, rep = cl.apply_lora(base, path, 0.8)
+        y = forward(m)
+        patched = {k[len("diffusion_model."):] for k in m.patches}
+        s = {"class": type(m).__name__, "applied": rep["applied"], "patched_linear": len(patched & lin),
+             "patched_other": len(patched - lin), "backup_linear": len({k[len("diffusion_model."):] for k in m.backup} & lin),
+             "backup_other": len({k[len("diffusion_model."):] for k in m.backup} - lin),
+             "cast_time": sorted(cast_time_keys(dm)), "patched_linear_keys": sorted(patched & lin)}
+        now = digests(dm)
+        s["linear_untouched_while_loaded"] = all(now[k] == saved[k] for k in saved if k in lin)
+        s["effect"] = rel(y, y0)
+        mm.unload_all_models()
+        s["restored_bitexact"] = digests(dm) == saved
+        s["stale_after_unload"] = len(cast_time_keys(dm))
+        y_after = forward(base)
+        s["output_restored"] = bool(torch.equal(y_after, y0))
+        s["output_restored_rel"] = rel(y_after, y0)
+        mm.unload_all_models()
+        std = m.clone()
+        std.__class__ = mp.ModelPatcher  # the same patches, ComfyUI's ordinary patch-and-backup load
+        y_std = forward(std)
+        s["std_backup_linear"] = len({k[len("diffusion_model."):] for k in std.backup} & lin)
+        mm.unload_all_models()
+        s["vs_standard"] = rel(y, y_std)
+        s["y_standard"] = y_std.tolist()
+        s["restored_after_standard"] = digests(dm) == saved
+        r["styles"][style] = s
+        outs[style] = y
+
+    # stacking: two LoRAs, and one LoRA applied twice at half strength
+    a, b = spec["stack"]
+    st = cl.apply_lora(cl.apply_lora(base, a, 1.0)[0], b, 0.5)[0]
+    y_st = forward(st)
+    mm.unload_all_models()
+    st_std = st.clone()
+    st_std.__class__ = mp.ModelPatcher
+    r["stack_vs_standard"] = rel(y_st, forward(st_std))
+    mm.unload_all_models()
+    half = cl.apply_lora(cl.apply_lora(base, a, 0.4)[0], a, 0.4)[0]
+    r["half_twice_vs_once"] = rel(forward(half), outs["comfy"])
+    mm.unload_all_models()
+
+    # a partial unload while loaded (ComfyUI freeing memory): the LoRA still applies exactly once
+    m, _ = cl.apply_lora(base, a, 0.8)
+    forward(m)
+    m.partially_unload(CPU, 1e30)
+    r["partial_unload_vs_loaded"] = rel(forward(), outs["comfy"])
+    mm.unload_all_models()
+    r["partial_unload_restored"] = digests(dm) == saved and not cast_time_keys(dm)
+
+    # force_patch_weights (checkpoint saving): the patches are baked into the weights, not applied at cast time
+    mm.load_models_gpu([m], force_patch_weights=True)
+    now = digests(dm)
+    r["forced_baked"] = sum(1 for k in m.patches if now[k[len("diffusion_model."):]] != saved[k[len("diffusion_model."):]])
+    r["forced_cast_time"] = len(cast_time_keys(dm))
+    r["forced_vs_cast_time"] = rel(forward(), outs["comfy"])
+    mm.unload_all_models()
+    r["forced_restored"] = digests(dm) == saved
+
+    # core's LoRA loader on our MODEL takes the same path
+    core, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(a), 0.8, 0.0)
+    y_core = forward(core)
+    r["core_loader_cast_time"] = len(cast_time_keys(dm))
+    r["core_loader_vs_ours"] = rel(y_core, outs["comfy"])
+    mm.unload_all_models()
+    r["core_loader_restored"] = digests(dm) == saved and not cast_time_keys(dm)
+    r["y0"] = y0.tolist()
+    r["y"] = {k: v.tolist() for k, v in outs.items()}
+    res[wd] = r
+    base = dm = m = st = st_std = half = core = std = None
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+print(json.dumps(res))
