@@ -1,4 +1,5 @@
-"""Host adapter: parsed Krea 2 LoRA patches -> ComfyUI ``ModelPatcher.add_patches``."""
+"""Host adapter: parsed Krea 2 LoRA patches -> ComfyUI ``ModelPatcher.add_patches`` (on a clone that
+applies them without a second copy of the model where ComfyUI would keep one; see ``comfy_patcher``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from ..krea2_model.checkpoint import infer_config
 from ..krea2_model.errors import Krea2Error, LoraError
 from ..krea2_model.lora import parse_lora, to_comfy_patches
 from ..krea2_model.transformer import Krea2Transformer
+from .comfy_patcher import adopt
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _TEXT = ("txtfusion.", "txtmlp.")
@@ -53,7 +55,7 @@ def apply_lora(model, path: str, strength: float, strength_text: float = 1.0, bl
     comfy = to_comfy_patches(kept, "diffusion_model.", adapters=_adapters(), base_weights=base)
     text = {k: v for k, v in comfy.items() if k[len("diffusion_model."):].startswith(_TEXT)}
     rest = {k: v for k, v in comfy.items() if k not in text}
-    m = model.clone()
+    m = adopt(model.clone())  # core's native Krea 2 MODEL gets the same no-second-copy patching as ours
     applied = set()
     if rest:
         applied |= set(m.add_patches(rest, strength))

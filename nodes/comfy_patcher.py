@@ -126,6 +126,16 @@ class Krea2ModelPatcher(_mp.ModelPatcher):
         return out
 
 
+def adopt(patcher):
+    """``patcher`` itself, switched to :class:`Krea2ModelPatcher` if it is exactly ComfyUI's plain
+    ``ModelPatcher`` (core's native Krea 2 MODEL, a clone made for a LoRA): the subclass has no state of
+    its own, so this changes only how that clone applies patches. Other patcher classes (the dynamic
+    one, other packs' subclasses) are left alone."""
+    if type(patcher) is _mp.ModelPatcher:
+        patcher.__class__ = Krea2ModelPatcher
+    return patcher
+
+
 def patcher_class(default_cls, load_device):
     """The class to wrap our model in: :class:`Krea2ModelPatcher`, unless the host picked its dynamic
     (aimdo) patcher for a GPU, which already applies patches at cast time."""

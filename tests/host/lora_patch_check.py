@@ -2,7 +2,9 @@
 
     <host python> tests/host/lora_patch_check.py spec.json        (cwd: the ComfyUI folder)
 
-``spec.json``: ``{"pack_parent", "pack_name", "model", "loras": {style: path}, "stack": [path, path]}``.
+``spec.json``: ``{"pack_parent", "pack_name", "model", "loras": {style: path}, "stack": [path, path]}``, and
+optionally ``"core_model"`` (a file core's own loader reads as native Krea 2) with ``"core_lora"`` and
+``"core_ctx_width"`` (its conditioning width).
 Prints one JSON line of measurements; ``tests/host/test_host_lora_patching.py`` asserts on it.
 
 For each weight dtype (fp32 file as is, fp8_e4m3fn storage) and each LoRA: the patched model's output
@@ -159,4 +161,35 @@ for wd in ("default", "fp8_e4m3fn"):
     base = dm = m = st = st_std = half = core = std = None
     mm.unload_all_models()
     mm.soft_empty_cache()
+if spec.get("core_model"):
+    # core's native Krea 2 MODEL (comfy.sd's own loader and plain ModelPatcher) through Krea2LoraLoader's path
+    core_base = comfy.sd.load_diffusion_model(spec["core_model"])
+    dm = core_base.model.diffusion_model
+    lin = linear_keys(dm)
+    saved = digests(dm)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 16, 16, generator=g)
+    ctx = torch.randn(1, 9, spec["core_ctx_width"], generator=g)
+    m, rep = cl.apply_lora(core_base, spec["core_lora"], 0.8)
+    mm.load_models_gpu([m])
+    y = core_base.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx).float()
+    patched = {k[len("diffusion_model."):] for k in m.patches}
+    c = {"base_class": type(core_base).__name__, "class": type(m).__name__, "patched_linear": len(patched & lin),
+         "backup_linear": len({k[len("diffusion_model."):] for k in m.backup} & lin),
+         "cast_time": len(cast_time_keys(dm))}
+    mm.unload_all_models()
+    c["restored_bitexact"] = digests(dm) == saved and not cast_time_keys(dm)
+    std = m.clone()
+    std.__class__ = mp.ModelPatcher
+    mm.load_models_gpu([std])
+    c["std_backup_linear"] = len({k[len("diffusion_model."):] for k in std.backup} & lin)
+    y_std = core_base.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx).float()
+    mm.unload_all_models()
+    mm.load_models_gpu([core_base])
+    y0 = core_base.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx).float()
+    mm.unload_all_models()
+    c["vs_standard"] = rel(y, y_std)
+    c["effect"] = rel(y, y0)
+    c["base_class_after"] = type(core_base).__name__
+    res["core_model"] = c
 print(json.dumps(res))

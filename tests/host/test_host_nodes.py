@@ -347,6 +347,15 @@ def _run_patch_check(h, tmp_path):
     spec = {"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
             "model": os.path.join(h.models_dir, "diffusion_models", A.TURBO), "loras": loras,
             "stack": [loras["comfy"], loras["lycoris-fused"]]}
+    if h.native_krea2:  # core's own Krea 2 MODEL through our loader
+        from krea2_model import tiny
+        spec["core_model"] = tiny.write(tiny.random_state_dict(A.INTEROP_CFG, 11), str(tmp_path / "core.safetensors"),
+                                        "comfy")
+        lo = tiny_lora.make_lora(A.INTEROP_CFG, "lycoris-fused", seed=7, rank=4)
+        spec["core_lora"] = str(tmp_path / "core_lora.safetensors")
+        save_file({k: v.clone().contiguous() for k, v in lo.state_dict.items()}, spec["core_lora"],
+                  metadata=lo.metadata or None)
+        spec["core_ctx_width"] = A.INTEROP_CFG.text_taps * A.INTEROP_CFG.text_dim
     sp = tmp_path / "spec.json"
     sp.write_text(json.dumps(spec))
     r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", "lora_patch_check.py"), str(sp)],
@@ -379,6 +388,17 @@ def test_lora_patching_keeps_no_second_copy_and_unpatches_exactly(patch_check, w
     assert r["core_loader_cast_time"] > 0 and r["core_loader_vs_ours"] <= 1e-6 and r["core_loader_restored"]
     if wd == "default":
         assert r["stack_vs_standard"] <= 1e-6 and r["forced_vs_cast_time"] <= 1e-6
+
+
+def test_our_lora_loader_on_cores_native_model_keeps_no_second_copy(h, patch_check):
+    if not h.native_krea2:
+        pytest.skip(f"ComfyUI {h.version} has no native Krea 2")
+    c = patch_check["core_model"]
+    assert c["base_class"] == "ModelPatcher" and c["base_class_after"] == "ModelPatcher"  # core's MODEL untouched
+    assert c["class"] == "Krea2ModelPatcher", c
+    assert c["patched_linear"] > 0 and c["cast_time"] == c["patched_linear"] and c["backup_linear"] == 0, c
+    assert c["std_backup_linear"] == c["patched_linear"] and c["vs_standard"] <= 1e-6 and c["effect"] > 1e-3, c
+    assert c["restored_bitexact"], c
 
 
 def test_lora_on_fp8_applied_at_cast_time_is_closer_to_full_precision(patch_check):
