@@ -30,11 +30,51 @@ import comfy.model_patcher as _mp
 log = logging.getLogger("krea2")
 
 
+try:
+    from comfy.weight_adapter import LoRAAdapter as _LoRAAdapter
+except ImportError:  # hosts before comfy.weight_adapter: every patch takes ComfyUI's own maths
+    _LoRAAdapter = None
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _add_low_rank(weight, patch) -> bool:
+    """Add one plain low-rank patch to the compute copy ``weight`` in place as a single fused
+    ``addmm_`` (``weight += strength * alpha / rank * up @ down``, the delta ComfyUI's LoRA adapter
+    computes); False (nothing done) for anything else, which then takes ComfyUI's own maths."""
+    if _LoRAAdapter is None or len(patch) < 5:
+        return False
+    strength, adapter, strength_model, offset, function = patch[:5]
+    if offset is not None or function is not None or strength_model != 1.0 or not isinstance(adapter, _LoRAAdapter):
+        return False
+    w = adapter.weights
+    up, down, alpha = w[0], w[1], w[2]
+    if any(x is not None for x in w[3:6]) or weight.ndim != 2 or up.ndim != 2 or down.ndim != 2 \
+            or (up.shape[0], down.shape[1]) != tuple(weight.shape) or up.shape[1] != down.shape[0]:
+        return False  # middle factor, DoRA, reshape, conv shapes
+    scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+    weight.addmm_(up.to(weight.device, weight.dtype, non_blocking=True),
+                  down.to(weight.device, weight.dtype, non_blocking=True), alpha=scale)
+    return True
+
+
 class CastTimePatch(_mp.LowVramPatch):
     """ComfyUI's ``LowVramPatch``, marked as installed by :class:`Krea2ModelPatcher` (so only ours are
-    taken off again)."""
+    taken off again). Called on every forward with the freshly cast compute copy of the weight (which
+    ComfyUI copies whenever a weight function is set, so in-place updates are safe): plain low-rank
+    patches are added in one fused ``addmm_`` each, with no full-size temporaries; every other patch
+    (LoKr, LoHa, diffs, DoRA, strength_model, offsets) goes through ComfyUI's own maths."""
 
     krea2_cast_time = True
+
+    def __call__(self, weight):
+        if weight.dtype not in _FLOATS or getattr(self, "prepared_patches", None) is not None:
+            return super().__call__(weight)
+        import comfy.lora
+        for p in self.patches[self.key]:
+            if not _add_low_rank(weight, p):
+                weight = comfy.lora.calculate_weight([p], weight, self.key, intermediate_dtype=weight.dtype)
+        return weight
 
 
 def _is_ours(f) -> bool:

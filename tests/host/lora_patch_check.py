@@ -40,6 +40,17 @@ cm = importlib.import_module(P + ".nodes.comfy_model")
 cl = importlib.import_module(P + ".nodes.comfy_lora")
 cp = importlib.import_module(P + ".nodes.comfy_patcher")
 torch.set_grad_enabled(False)
+FAST = [0]
+_fast = cp._add_low_rank
+
+
+def _counted(weight, patch):  # how often CastTimePatch's fused low-rank path (not ComfyUI's maths) ran
+    done = _fast(weight, patch)
+    FAST[0] += bool(done)
+    return done
+
+
+cp._add_low_rank = _counted
 CPU = torch.device("cpu")
 
 
@@ -91,12 +102,14 @@ for wd in ("default", "fp8_e4m3fn"):
     outs = {}
     for style, path in spec["loras"].items():
         m, rep = cl.apply_lora(base, path, 0.8)
+        FAST[0] = 0
         y = forward(m)
         patched = {k[len("diffusion_model."):] for k in m.patches}
         s = {"class": type(m).__name__, "applied": rep["applied"], "patched_linear": len(patched & lin),
              "patched_other": len(patched - lin), "backup_linear": len({k[len("diffusion_model."):] for k in m.backup} & lin),
              "backup_other": len({k[len("diffusion_model."):] for k in m.backup} - lin),
              "cast_time": sorted(cast_time_keys(dm)), "patched_linear_keys": sorted(patched & lin)}
+        s["fused_low_rank_calls"] = FAST[0]
         now = digests(dm)
         s["linear_untouched_while_loaded"] = all(now[k] == saved[k] for k in saved if k in lin)
         s["effect"] = rel(y, y0)
