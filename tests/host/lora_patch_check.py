@@ -39,6 +39,8 @@ P = spec["pack_name"]
 cm = importlib.import_module(P + ".nodes.comfy_model")
 cl = importlib.import_module(P + ".nodes.comfy_lora")
 cp = importlib.import_module(P + ".nodes.comfy_patcher")
+kt = importlib.import_module(P + ".krea2_model.transformer")
+kl = importlib.import_module(P + ".krea2_model.lora")
 torch.set_grad_enabled(False)
 FAST = [0]
 _fast = cp._add_low_rank
@@ -95,6 +97,14 @@ for wd in ("default", "fp8_e4m3fn"):
 
     lin = linear_keys(dm)
     saved = digests(dm)
+    base_sd = {k: v.detach().clone() for k, v in dm.state_dict().items()} if wd == "default" else None
+
+    def hand_merged(path, strength):
+        """The same velocity from krea2_model alone: the LoRA's deltas merged into the weights by hand."""
+        plain = kt.Krea2Transformer(cfg)
+        plain.load_state_dict(kl.merge_into(base_sd, kl.parse_lora(path, cfg)[0], strength))
+        return plain.eval()(x, sigma, ctx).float()
+
     r = {"class": type(base).__name__, "same_device": str(base.load_device) == str(base.offload_device)}
     y0 = forward(base)
     mm.unload_all_models()
@@ -113,6 +123,8 @@ for wd in ("default", "fp8_e4m3fn"):
         now = digests(dm)
         s["linear_untouched_while_loaded"] = all(now[k] == saved[k] for k in saved if k in lin)
         s["effect"] = rel(y, y0)
+        if base_sd is not None:
+            s["vs_hand_merge"] = rel(y, hand_merged(path, 0.8))
         mm.unload_all_models()
         s["restored_bitexact"] = digests(dm) == saved
         s["stale_after_unload"] = len(cast_time_keys(dm))
@@ -180,6 +192,14 @@ if spec.get("core_model"):
     dm = core_base.model.diffusion_model
     lin = linear_keys(dm)
     saved = digests(dm)
+    base_sd = {k: v.detach().clone() for k, v in dm.state_dict().items()} if wd == "default" else None
+
+    def hand_merged(path, strength):
+        """The same velocity from krea2_model alone: the LoRA's deltas merged into the weights by hand."""
+        plain = kt.Krea2Transformer(cfg)
+        plain.load_state_dict(kl.merge_into(base_sd, kl.parse_lora(path, cfg)[0], strength))
+        return plain.eval()(x, sigma, ctx).float()
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 16, 16, generator=g)
     ctx = torch.randn(1, 9, spec["core_ctx_width"], generator=g)
