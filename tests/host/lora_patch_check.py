@@ -192,13 +192,6 @@ if spec.get("core_model"):
     dm = core_base.model.diffusion_model
     lin = linear_keys(dm)
     saved = digests(dm)
-    base_sd = {k: v.detach().clone() for k, v in dm.state_dict().items()} if wd == "default" else None
-
-    def hand_merged(path, strength):
-        """The same velocity from krea2_model alone: the LoRA's deltas merged into the weights by hand."""
-        plain = kt.Krea2Transformer(cfg)
-        plain.load_state_dict(kl.merge_into(base_sd, kl.parse_lora(path, cfg)[0], strength))
-        return plain.eval()(x, sigma, ctx).float()
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 16, 16, generator=g)
