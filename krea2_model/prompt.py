@@ -285,7 +285,32 @@ def build_prompt_ids(tok: QwenTokenizer, text: str, max_tokens: int = MAX_TOKENS
     total = len(full) - n
     kept = min(total, budget)
     if total > budget and warn:
-        log.warning("Krea 2: the prompt is %d tokens; Krea 2 reads at most %d (%d minus the %d-token assistant "
-                    "suffix), so the last %d tokens are dropped.", total, budget, max_tokens, len(suffix),
-                    total - budget)
+        warn_truncated(total, max_tokens, len(suffix))
     return PromptIds(full[:n + kept] + suffix, n, kept, total)
+
+
+def warn_truncated(total: int, max_tokens: int, suffix_len: int = 5) -> None:
+    budget = max_tokens - suffix_len
+    log.warning("Krea 2: the prompt is %d tokens; Krea 2 reads at most %d (%d minus the %d-token assistant "
+                "suffix), so the last %d tokens are dropped.", total, budget, max_tokens, suffix_len, total - budget)
+
+
+IM_START_ID, IM_END_ID, USER_ID, NEWLINE_ID = 151644, 151645, 872, 198  # Qwen's ids
+SUFFIX_LEN = 5  # <|im_end|> \n <|im_start|> assistant \n
+
+
+def templated_prompt_span(ids: list) -> tuple[int, int] | None:
+    """``(start, end)`` of the prompt inside the token ids of the whole chat template (system turn, user turn
+    with the prompt, assistant opening) as another tokenizer produced them, e.g. ComfyUI's own Krea 2
+    tokenizer; ``None`` if ``ids`` do not have that shape. The prompt starts after ``<|im_start|>user\n`` (or
+    after ``user`` where the newline merged with the prompt's first token, as :func:`prefix_length` counts it)
+    and ends before the 5-token assistant suffix."""
+    if len(ids) < 3 + SUFFIX_LEN or ids[-SUFFIX_LEN] != IM_END_ID or ids[-3] != IM_START_ID:
+        return None
+    starts = [i for i, v in enumerate(ids[:-SUFFIX_LEN]) if v == IM_START_ID]
+    if len(starts) < 2 or ids[starts[1] + 1] != USER_ID:
+        return None
+    u = starts[1]
+    start = u + 3 if ids[u + 2] == NEWLINE_ID else u + 2
+    end = len(ids) - SUFFIX_LEN
+    return (start, end) if start <= end else None

@@ -20,7 +20,8 @@ import comfy.supported_models_base
 import comfy.utils
 
 from ..krea2_model.errors import Krea2Error
-from ..krea2_model.prompt import MAX_TOKENS, build_prompt_ids, find_tokenizer
+from ..krea2_model.prompt import (MAX_TOKENS, SUFFIX_LEN, build_prompt_ids, find_tokenizer, templated_prompt_span,
+                                  warn_truncated)
 from ..krea2_model.qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
 from ..krea2_model.text_encoder import TextCheckpoint
 
@@ -132,6 +133,27 @@ def is_core_krea2(clip) -> bool:
     return m is not None and "krea2" in type(m).__module__ + type(m).__name__.lower() and not is_ours(clip)
 
 
+def limit_core_tokens(tokens: dict, max_tokens: int = MAX_TOKENS) -> dict:
+    """Core's Krea 2 tokens cut to the reference's limit: at most ``max_tokens - 5`` prompt tokens, then the
+    assistant suffix (core itself passes any length, which the model was never trained on). Logs the same
+    warning as our encoder; token lists of another shape are returned as they are."""
+    if max_tokens < SUFFIX_LEN:
+        raise Krea2Error(f"Krea2TextEncode: max_tokens {max_tokens} is below the {SUFFIX_LEN}-token assistant suffix.")
+    out = {}
+    for key, batches in tokens.items():
+        cut = []
+        for seq in batches:
+            ids = [t[0] if isinstance(t, (tuple, list)) and isinstance(t[0], int) else None for t in seq]
+            span = templated_prompt_span(ids)
+            budget = max_tokens - SUFFIX_LEN
+            if span is not None and span[1] - span[0] > budget:
+                warn_truncated(span[1] - span[0], max_tokens, SUFFIX_LEN)
+                seq = list(seq[:span[0] + budget]) + list(seq[span[1]:])
+            cut.append(seq)
+        out[key] = cut
+    return out
+
+
 def encode(clip, text: str, taps=DEFAULT_TAPS, max_tokens: int = MAX_TOKENS):
     """CONDITIONING for ``text`` from our CLIP (any taps) or core's Krea 2 CLIP (default taps only)."""
     taps = tuple(int(t) for t in taps)
@@ -139,11 +161,11 @@ def encode(clip, text: str, taps=DEFAULT_TAPS, max_tokens: int = MAX_TOKENS):
         tokens = clip.tokenizer.tokenize_with_weights(text, max_tokens=max_tokens, taps=taps)
         return clip.encode_from_tokens_scheduled(tokens)
     if is_core_krea2(clip):
-        if taps != tuple(DEFAULT_TAPS) or max_tokens != MAX_TOKENS:
+        if taps != tuple(DEFAULT_TAPS):
             raise Krea2Error("Krea2TextEncode: core's Krea 2 CLIP (CLIPLoader type krea2) only encodes the default "
-                             f"taps {','.join(map(str, DEFAULT_TAPS))} with max_tokens {MAX_TOKENS}. Load the text "
-                             "encoder with Krea2TextEncoderLoader to choose other taps or token limits.")
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+                             f"taps {','.join(map(str, DEFAULT_TAPS))}. Load the text encoder with "
+                             "Krea2TextEncoderLoader to choose other taps.")
+        return clip.encode_from_tokens_scheduled(limit_core_tokens(clip.tokenize(text), max_tokens))
     name = type(getattr(clip, "cond_stage_model", clip)).__name__
     raise Krea2Error(f"Krea2TextEncode: the clip input is a {name} text encoder, not Krea 2's Qwen3-VL-4B. Load "
                      "qwen3vl_4b with Krea2TextEncoderLoader (or CLIPLoader type krea2).")

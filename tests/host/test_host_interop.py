@@ -2,15 +2,19 @@
 
 Our conditioning drives core's native Krea 2 model, Krea2ModelSampling on the native MODEL gives
 the reference schedule, and our CLIP works with core's CLIPTextEncode: the native graph's final
-latent equals a plain Euler loop over krea2_model with the same weights.
+latent equals a plain Euler loop over krea2_model with the same weights. The other way round, core's own
+Krea 2 text encoder conditions our transformer exactly like ours.
 """
 
+import json
 import os
+import subprocess
 
 import pytest
 
+from comfy_host import PACK_DIRNAME
 from tests.host import assets as A
-from tests.host.test_host_nodes import SIZE, read_latent, reference, rel, run, saved
+from tests.host.test_host_nodes import ROOT, SIZE, read_latent, reference, rel, run, saved
 
 pytestmark = pytest.mark.host
 
@@ -20,6 +24,7 @@ def nh(host):
     if not host.native_krea2:
         pytest.skip(f"ComfyUI {host.version} has no native Krea 2")
     host.root = str(host.comfy_dir)
+    host.pack_dir = str(host.custom_nodes_dir / PACK_DIRNAME)
     if not getattr(host, "_krea2_interop", None):
         host._krea2_interop = A.make_interop_assets(str(host.models_dir))
     return host
@@ -62,3 +67,33 @@ def test_core_cliptextencode_with_our_clip_equals_krea2textencode(nh):
         run(nh, native_graph("interop_native"))
         b = read_latent(saved(nh, "interop_native", ".latent"))
     assert rel(a, b) <= 1e-6
+
+
+def test_cores_own_krea2_clip_conditions_our_model_like_ours(nh, tmp_path):
+    """Core's CLIPLoader-type-krea2 encoder (core's loader, tokenizer, template, taps and flattening; its
+    size tables shrunk to the tiny test encoder, see core_clip_check.py) gives the conditioning our
+    encoder gives, so it drives our transformer to the same velocity; Krea2TextEncode fed core's CLIP
+    does too, and cuts long prompts to the reference's 507 tokens where core alone passes all of them."""
+    c = A.INTEROP_TEXT_CFG
+    long_prompt = " ".join(["lighthouse"] * 600)
+    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
+            "text_encoder": os.path.join(nh.models_dir, "text_encoders", A.INTEROP_TEXT),
+            "model": os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
+            "prompts": ["a lighthouse on a cliff at sunset", "", "a red fox, watercolor, " * 10, long_prompt],
+            "text_cfg": {"hidden": c.hidden, "mlp_hidden": c.mlp_hidden, "layers": c.layers, "heads": c.heads,
+                         "kv_heads": c.kv_heads, "vocab": c.vocab, "head_dim": c.head_dim}}
+    sp = tmp_path / "spec.json"
+    sp.write_text(json.dumps(spec))
+    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "core_clip_check.py"), str(sp)],
+                       capture_output=True, text=True, timeout=600, cwd=nh.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["core_is_krea2"], res
+    short, empty, medium, long = res["prompts"]
+    for p in (short, empty, medium):
+        assert p["core_shape"] == p["ours_shape"] == p["node_core_shape"], p
+        assert p["cond_core_vs_ours"] <= 1e-5 and p["velocity_core_vs_ours"] <= 1e-5, p
+        assert p["node_with_core_clip_vs_ours"] <= 1e-5, p
+    assert long["core_shape"][1] > 512 and long["ours_shape"][1] == long["node_core_shape"][1] == 512, long
+    assert long["node_with_core_clip_vs_ours"] <= 1e-5 and long["velocity_node_core_vs_ours"] <= 1e-5, long
+    assert "reads at most 507" in r.stderr

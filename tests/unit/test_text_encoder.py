@@ -630,3 +630,22 @@ def test_prefix_reuse_is_exact_and_invalidated_by_weight_changes(reference):
         ours.reuse_prefix = True
         with torch.no_grad():
             w.div_(1.5)
+
+
+def test_templated_prompt_span_finds_the_prompt_in_another_tokenizers_ids():
+    """What Krea2TextEncode uses to cut core's Krea 2 tokens to the reference limit."""
+    from krea2_model.prompt import IM_END_ID, IM_START_ID, NEWLINE_ID, USER_ID, templated_prompt_span
+    system = [IM_START_ID, 8948, NEWLINE_ID, 11, 12, 13, IM_END_ID, NEWLINE_ID]
+    suffix = [IM_END_ID, NEWLINE_ID, IM_START_ID, 77091, NEWLINE_ID]
+    prompt = [101, 102, 103, 104]
+    ids = system + [IM_START_ID, USER_ID, NEWLINE_ID] + prompt + suffix
+    s = templated_prompt_span(ids)
+    assert s is not None and ids[s[0]:s[1]] == prompt
+    merged = system + [IM_START_ID, USER_ID, 999] + prompt + suffix  # newline merged into the prompt's 1st token
+    s = templated_prompt_span(merged)
+    assert merged[s[0]:s[1]] == [999] + prompt
+    empty = system + [IM_START_ID, USER_ID, NEWLINE_ID] + suffix
+    assert templated_prompt_span(empty) == (len(empty) - 5, len(empty) - 5)
+    assert templated_prompt_span(prompt + suffix) is None           # no template around it
+    assert templated_prompt_span(ids[:-1]) is None                  # no assistant suffix
+    assert templated_prompt_span([t if t != USER_ID else 1 for t in ids]) is None  # second turn is not the user's
