@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from ..krea2_model.checkpoint import infer_config
 from ..krea2_model.errors import Krea2Error, LoraError
 from ..krea2_model.lora import parse_lora, to_comfy_patches
@@ -25,6 +27,18 @@ def model_config_of(model):
         raise Krea2Error(f"Krea2LoraLoader: the model input is a {type(model.model).__name__} model, not Krea 2.")
     shapes = {k: ((v[0] * v[1],) if k.endswith(".mod.lin") and len(v) == 2 else v) for k, v in shapes.items()}
     return infer_config(shapes, "the connected MODEL")
+
+
+def real_weight(model, key: str):
+    """The float32 value of the model's weight ``key`` (canonical name) as the layer computes with it:
+    ComfyUI's quantized tensors dequantized and scaled-fp8 weights multiplied by their scale (the host's own
+    ``convert_*`` function), not the raw stored numbers."""
+    import comfy.model_patcher
+    w, _, convert = comfy.model_patcher.get_key_weight(model.model, "diffusion_model." + key)
+    if hasattr(w, "dequantize"):
+        w = w.dequantize()
+    w = w.detach().to(torch.float32, copy=True)
+    return convert(w, inplace=True) if convert is not None else w
 
 
 def _adapters():
@@ -50,8 +64,7 @@ def apply_lora(model, path: str, strength: float, strength_text: float = 1.0, bl
     dora = [p.key for p in kept if p.dora_scale is not None]
     base = None
     if dora:  # exact DoRA needs the unpatched weights (small: only the DoRA targets)
-        sd = model.model.diffusion_model.state_dict()
-        base = {k: sd[k].float() for k in dora}
+        base = {k: real_weight(model, k) for k in dora}
     comfy = to_comfy_patches(kept, "diffusion_model.", adapters=_adapters(), base_weights=base)
     text = {k: v for k, v in comfy.items() if k[len("diffusion_model."):].startswith(_TEXT)}
     rest = {k: v for k, v in comfy.items() if k not in text}

@@ -14,9 +14,10 @@ rewritten; instead the module gets ComfyUI's own ``LowVramPatch`` for that key, 
 ComfyUI's low-VRAM mode installs, so the patch is applied to the freshly cast compute copy on every
 call. The stored weights are never touched (unpatching is exact by construction, and there is no
 backup), the patches stay in ``patcher.patches`` (so stacking, merging and hooks see them), and a
-load with ``force_patch_weights`` (checkpoint saving) still bakes them in the ordinary way.
-Everything else (other devices, plain parameters such as norm scales and modulation tables, quantized
-weights with their own set functions) takes ComfyUI's ordinary path.
+load with ``force_patch_weights`` (checkpoint saving) still bakes them in the ordinary way. Quantized
+and scaled-fp8 weights are covered too: the patch keeps the host's convert / set functions, as core's
+low-VRAM mode does. Everything else (other devices; plain parameters such as norm scales and modulation
+tables, which are small) takes ComfyUI's ordinary path.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ class CastTimePatch(_mp.LowVramPatch):
     taken off again). Called on every forward with the freshly cast compute copy of the weight (which
     ComfyUI copies whenever a weight function is set, so in-place updates are safe): plain low-rank
     patches are added in one fused ``addmm_`` each, with no full-size temporaries; every other patch
-    (LoKr, LoHa, diffs, DoRA, strength_model, offsets) goes through ComfyUI's own maths."""
+    (LoKr, LoHa, diffs, DoRA, strength_model, offsets) goes through ComfyUI's own maths, and so does every
+    patch of a quantized or scaled weight (the host's LowVramPatch knows its scale functions)."""
 
     krea2_cast_time = True
 
     def __call__(self, weight):
-        if weight.dtype not in _FLOATS or getattr(self, "prepared_patches", None) is not None:
+        if weight.dtype not in _FLOATS or getattr(self, "prepared_patches", None) is not None \
+                or self.convert_func is not None or self.set_func is not None:
             return super().__call__(weight)
         import comfy.lora
         for p in self.patches[self.key]:
@@ -137,13 +140,13 @@ class Krea2ModelPatcher(_mp.ModelPatcher):
         except AttributeError:
             module = None
         weight, set_func, convert_func = _mp.get_key_weight(self.model, key)
-        if attr is None or module is None or not hasattr(module, attr) or weight is None \
-                or set_func is not None or convert_func is not None:
-            # plain parameters (norm scales, modulation tables: small) and quantized weights with their own
-            # set functions: ComfyUI's ordinary patch-and-backup
+        if attr is None or module is None or not hasattr(module, attr) or weight is None:
+            # plain parameters (norm scales, modulation tables: small): ComfyUI's ordinary patch-and-backup
             return super().patch_weight_to_device(key, device_to, *args, **kwargs)
         fns = [f for f in getattr(module, attr) if not (_is_ours(f) and f.key == key)]
-        setattr(module, attr, [CastTimePatch(key, self.patches)] + fns)  # patches before weight wrappers, as core
+        # quantized / scaled weights keep their host functions, which ComfyUI's LowVramPatch applies as its
+        # low-VRAM mode does on that host version; patches go before weight wrappers, as in core
+        setattr(module, attr, [CastTimePatch(key, self.patches, convert_func, set_func)] + fns)
         self._krea2_cast_count = getattr(self, "_krea2_cast_count", 0) + 1
         return None
 

@@ -56,12 +56,17 @@ cp._add_low_rank = _counted
 CPU = torch.device("cpu")
 
 
+def raw_bytes(t):
+    """The stored bytes of a tensor; of a tensor subclass (ComfyUI's QuantizedTensor), of its inner tensors."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return b"".join(raw_bytes(getattr(t, n)) for n in names)
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
 def digests(dm):
-    out = {}
-    for k, p in dm.named_parameters():
-        t = p.detach().contiguous()
-        out[k] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
-    return out
+    return {k: hashlib.sha256(raw_bytes(p.data)).hexdigest() for k, p in dm.named_parameters()}
 
 
 def cast_time_keys(dm):
@@ -81,8 +86,11 @@ def rel(a, b):
 
 
 res = {"comfyui_patcher_default": getattr(mp, "CoreModelPatcher", mp.ModelPatcher).__name__}
-for wd in ("default", "fp8_e4m3fn"):
-    base = cm.load_model(spec["model"], wd)
+CASES = [("default", spec["model"], "default"), ("fp8_e4m3fn", spec["model"], "fp8_e4m3fn")]
+if spec.get("scaled_model"):  # the same weights as a scaled-fp8 file (ComfyUI's quantized formats)
+    CASES.append(("scaled_fp8_file", spec["scaled_model"], "default"))
+for wd, model_path, weight_dtype in CASES:
+    base = cm.load_model(model_path, weight_dtype)
     dm = base.model.diffusion_model
     cfg = dm.config
     g = torch.Generator().manual_seed(0)  # the same inputs for every weight dtype
@@ -105,7 +113,8 @@ for wd in ("default", "fp8_e4m3fn"):
         plain.load_state_dict(kl.merge_into(base_sd, kl.parse_lora(path, cfg)[0], strength))
         return plain.eval()(x, sigma, ctx).float()
 
-    r = {"class": type(base).__name__, "same_device": str(base.load_device) == str(base.offload_device)}
+    r = {"class": type(base).__name__, "same_device": str(base.load_device) == str(base.offload_device),
+         "weight_types": sorted({type(p).__name__ + ":" + str(p.dtype) for p in dm.parameters()})}
     y0 = forward(base)
     mm.unload_all_models()
     r["styles"] = {}

@@ -336,6 +336,22 @@ def patch_check(h, tmp_path_factory):
     return h._krea2_patch_check
 
 
+def _scaled_fp8_copy(src, dst):
+    """``src`` (ComfyUI layout) as ComfyUI's scaled-fp8 file: block Linear weights in float8_e4m3fn with a
+    per-tensor ``scale_weight`` and the ``scaled_fp8`` marker (what newer hosts convert to quantized tensors)."""
+    q = {}
+    for k, v in load_file(src).items():
+        if k.startswith("model.diffusion_model.blocks.") and k.endswith(".weight") and v.ndim == 2:
+            scale = v.float().abs().max() / 448.0
+            q[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            q[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            q[k] = v
+    q["model.diffusion_model.scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    save_file(q, dst)
+    return dst
+
+
 def _run_patch_check(h, tmp_path):
     from krea2_model import tiny_lora
     loras = {}
@@ -346,7 +362,9 @@ def _run_patch_check(h, tmp_path):
                   metadata=lo.metadata or None)
     spec = {"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
             "model": os.path.join(h.models_dir, "diffusion_models", A.TURBO), "loras": loras,
-            "stack": [loras["comfy"], loras["lycoris-fused"]]}
+            "stack": [loras["comfy"], loras["lycoris-fused"]],
+            "scaled_model": _scaled_fp8_copy(os.path.join(h.models_dir, "diffusion_models", A.TURBO),
+                                             str(tmp_path / "turbo_scaled_fp8.safetensors"))}
     if h.native_krea2:  # core's own Krea 2 MODEL through our loader
         from krea2_model import tiny
         spec["core_model"] = tiny.write(tiny.random_state_dict(A.INTEROP_CFG, 11), str(tmp_path / "core.safetensors"),
@@ -364,11 +382,11 @@ def _run_patch_check(h, tmp_path):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("wd", ["default", "fp8_e4m3fn"])
+@pytest.mark.parametrize("wd", ["default", "fp8_e4m3fn", "scaled_fp8_file"])
 def test_lora_patching_keeps_no_second_copy_and_unpatches_exactly(patch_check, wd):
     """Load device == offload device: patched Linear weights are applied at cast time (no backup copy,
-    weights untouched), equal ComfyUI's patch-and-backup result in fp32, and unload leaves every byte and
-    no hook behind."""
+    weights untouched; scaled-fp8 files included), equal ComfyUI's patch-and-backup result in fp32 and the
+    hand merge, and unload leaves every byte and no hook behind."""
     r = patch_check[wd]
     assert r["class"] == "Krea2ModelPatcher" and r["same_device"]
     for style, s in r["styles"].items():
@@ -382,7 +400,8 @@ def test_lora_patching_keeps_no_second_copy_and_unpatches_exactly(patch_check, w
         assert s["output_restored_rel"] <= 1e-6, ctx
         if wd == "default":
             assert s["vs_standard"] <= 1e-6 and s["vs_hand_merge"] <= 1e-6, ctx
-        if style in ("comfy", "kohya", "diffusers", "lycoris-fused"):  # plain low-rank: the fused path
+        if style in ("comfy", "kohya", "diffusers", "lycoris-fused") and wd != "scaled_fp8_file":
+            # plain low-rank on plain weights: the fused path (scaled weights keep ComfyUI's maths)
             assert s["fused_low_rank_calls"] >= s["patched_linear"], ctx
     assert r["half_twice_vs_once"] <= 1e-6
     assert r["partial_unload_vs_loaded"] <= 1e-6 and r["partial_unload_restored"]
@@ -403,16 +422,24 @@ def test_our_lora_loader_on_cores_native_model_keeps_no_second_copy(h, patch_che
     assert c["restored_bitexact"], c
 
 
-def test_lora_on_fp8_applied_at_cast_time_is_closer_to_full_precision(patch_check):
-    """fp8 storage + LoRA: within fp8-class error of the fp32 LoRA, and no worse than ComfyUI's
-    patch-and-backup path (which rounds every patched weight to fp8 again)."""
-    full, low = patch_check["default"], patch_check["fp8_e4m3fn"]
+@pytest.mark.parametrize("wd", ["fp8_e4m3fn", "scaled_fp8_file"])
+def test_lora_on_fp8_applied_at_cast_time_is_closer_to_full_precision(patch_check, wd):
+    """fp8 storage or a scaled-fp8 file + LoRA: the LoRA acts (the output moves most of the way to the fp32
+    LoRA's), within fp8-class error of it, and no worse than ComfyUI's patch-and-backup path (which rounds
+    every patched weight to fp8 again)."""
+    full, low = patch_check["default"], patch_check[wd]
     t = lambda v: torch.tensor(v)  # noqa: E731
     for style in PATCH_STYLES:
         want = t(full["y"][style])
         cast = rel(t(low["y"][style]), want)
         std = rel(t(low["styles"][style]["y_standard"]), want)
-        assert cast <= 0.1 and cast <= std + 1e-3, (style, cast, std)
+        assert cast <= std + 1e-3, (style, cast, std)
+        if wd == "fp8_e4m3fn" or any(w.startswith("QuantizedTensor") for w in low["weight_types"]):
+            assert cast <= 0.1, (style, cast)  # fp8-class
+        # (hosts before quantized tensors (0.3.64) keep scaled-fp8 files in scaled_fp8 ops, whose own low-VRAM
+        # path re-rounds each patched weight to fp8 at the file's scale, clipping what a large update pushes
+        # past it; ours is that path there, and the check above keeps it no worse than core's)
+        assert cast < 0.5 * rel(t(low["y0"]), want), (style, "the LoRA did (almost) nothing on these weights")
 
 
 def test_core_lora_loader_works_on_our_model_for_native_keys(h):
