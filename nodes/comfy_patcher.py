@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+import comfy.lora
 import comfy.model_patcher as _mp
 
 log = logging.getLogger("krea2")
@@ -73,7 +74,6 @@ class CastTimePatch(_mp.LowVramPatch):
         if weight.dtype not in _FLOATS or getattr(self, "prepared_patches", None) is not None \
                 or self.convert_func is not None or self.set_func is not None:
             return super().__call__(weight)
-        import comfy.lora
         for p in self.patches[self.key]:
             if not _add_low_rank(weight, p):
                 weight = comfy.lora.calculate_weight([p], weight, self.key, intermediate_dtype=weight.dtype)

@@ -17,17 +17,10 @@ the velocity of our Krea 2 transformer driven by each.
 
 import dataclasses
 import json
-import os
-import sys
 
-spec = json.load(open(sys.argv[1]))
-sys.argv = ["main.py", "--cpu"]
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, spec["pack_parent"])
-import comfy.options  # noqa: E402
+from host_script import boot  # noqa: E402  (this folder is on sys.path when run as a script)
 
-comfy.options.enable_args_parsing()
-import importlib  # noqa: E402
+spec, pack = boot()
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -35,10 +28,8 @@ import comfy.sd  # noqa: E402
 import comfy.text_encoders.llama as llama  # noqa: E402
 import comfy.text_encoders.qwen3vl as qwen3vl  # noqa: E402
 
-P = spec["pack_name"]
-cc = importlib.import_module(P + ".nodes.comfy_clip")
-cm = importlib.import_module(P + ".nodes.comfy_model")
-torch.set_grad_enabled(False)
+cc = pack("nodes.comfy_clip")
+cm = pack("nodes.comfy_model")
 
 # -- core's size tables, shrunk to the test encoder's (see the docstring) --------------------------------
 t = spec["text_cfg"]

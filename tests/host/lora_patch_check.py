@@ -17,17 +17,10 @@ leftover weight functions, the unpatched output). Also: stacking, a partial unlo
 
 import hashlib
 import json
-import os
-import sys
 
-spec = json.load(open(sys.argv[1]))
-sys.argv = ["main.py", "--cpu"]
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, spec["pack_parent"])
-import comfy.options  # noqa: E402
+from host_script import boot  # noqa: E402  (this folder is on sys.path when run as a script)
 
-comfy.options.enable_args_parsing()
-import importlib  # noqa: E402
+spec, pack = boot()
 
 import torch  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
@@ -35,13 +28,11 @@ import comfy.model_patcher as mp  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
-P = spec["pack_name"]
-cm = importlib.import_module(P + ".nodes.comfy_model")
-cl = importlib.import_module(P + ".nodes.comfy_lora")
-cp = importlib.import_module(P + ".nodes.comfy_patcher")
-kt = importlib.import_module(P + ".krea2_model.transformer")
-kl = importlib.import_module(P + ".krea2_model.lora")
-torch.set_grad_enabled(False)
+cm = pack("nodes.comfy_model")
+cl = pack("nodes.comfy_lora")
+cp = pack("nodes.comfy_patcher")
+kt = pack("krea2_model.transformer")
+kl = pack("krea2_model.lora")
 FAST = [0]
 _fast = cp._add_low_rank
 
