@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 import importlib
 
 from krea2_model import Krea2Transformer
-from krea2_model.tiny import diffusers_config, random_state_dict, to_layout
+from krea2_model.tiny import diffusers_config, to_layout
 
 k2attention = importlib.import_module("krea2_model.attention")
 
@@ -89,6 +88,16 @@ class Native:
         """``'default'`` (what ComfyUI picked for this device) or ``'sdpa'`` (its PyTorch attention)."""
         self.km.optimized_attention_masked = self.default_attention if which == "default" \
             else self.att.attention_pytorch
+
+    def cases(self, fn) -> dict:
+        """The two native cases to time: ``fn()`` under ComfyUI's default attention for the device and under
+        its PyTorch SDPA, as ``{"native ComfyUI, default (<name>)": ..., "native ComfyUI, SDPA": ...}``."""
+        def under(which):
+            def run():
+                self.use_attention(which)
+                return fn()
+            return run
+        return {f"native ComfyUI, default ({self.default_name})": under("default"), "native ComfyUI, SDPA": under("sdpa")}
 
 
 def inputs(cfg, tokens: int, text_len: int, dtype, device="cpu", seed=1, batch=1):

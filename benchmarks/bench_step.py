@@ -78,16 +78,10 @@ def step_cases(cfg, sd, dtype, tokens, native, text_len):
         checks["diffusers unpadded"] = rel(du(x, s, c), ref)
         if native is not None:
             nm = native.build(cfg, sd, dtype)
-
-            def nat(which):
-                def run():
-                    native.use_attention(which)
-                    return nm(x, s, c)
-                return run
-            cases[f"native ComfyUI, default ({native.default_name})"] = nat("default")
-            cases["native ComfyUI, SDPA"] = nat("sdpa")
-            checks["native ComfyUI, SDPA"] = rel(nat("sdpa")(), ref)
-            checks[f"native ComfyUI, default ({native.default_name})"] = rel(nat("default")(), ref)
+            nat = native.cases(lambda: nm(x, s, c))
+            cases.update(nat)
+            for name, run in nat.items():
+                checks[name] = rel(run(), ref)
         cases["floor (GEMM + attention kernels)"] = Floor(ours, (x, s, c))
     return cases, checks
 
@@ -128,17 +122,9 @@ def sample_cases(cfg, sd, dtype, tokens, native, text_len, steps=8):
         checks["ours, no text cache"] = rel(euler(ours_nc)(), ref)
         if native is not None:
             nm = native.build(cfg, sd, dtype)
-
-            def nat(which):
-                run_euler = euler(nm)
-
-                def run():
-                    native.use_attention(which)
-                    return run_euler()
-                return run
-            cases[f"native ComfyUI, default ({native.default_name})"] = nat("default")
-            cases["native ComfyUI, SDPA"] = nat("sdpa")
-            checks["native ComfyUI, SDPA"] = rel(nat("sdpa")(), ref)
+            nat = native.cases(euler(nm))
+            cases.update(nat)
+            checks["native ComfyUI, SDPA"] = rel(nat["native ComfyUI, SDPA"](), ref)
     return cases, checks
 
 

@@ -173,14 +173,9 @@ def main(argv=None):
     with torch.inference_mode():
         ref = ours_nc(x, sigma, ctx).float()
         if nm is not None:
-            def nat(which):
-                def run():
-                    native.use_attention(which)
-                    return nm(x, sigma, ctx)
-                return run
-            cases[f"native ComfyUI, default ({native.default_name})"] = nat("default")
-            cases["native ComfyUI, SDPA"] = nat("sdpa")
-            out = nat("default")().float()
+            nat = native.cases(lambda: nm(x, sigma, ctx))
+            cases.update(nat)
+            out = nat[f"native ComfyUI, default ({native.default_name})"]().float()
             checks["native ComfyUI"] = ((out - ref).norm() / ref.norm()).item()
         floor = Floor(ours_nc, (x, sigma, ctx))
         cases["floor (bf16 GEMM + attention kernels)"] = floor
