@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import importlib
 
 from krea2_model import Krea2Transformer
-from krea2_model.tiny import diffusers_config, to_layout
+from krea2_model.tiny.transformer import diffusers_config, to_layout
 
-k2attention = importlib.import_module("krea2_model.attention")
+k2attention = importlib.import_module("krea2_model.model.attention")
 
 PAD_TO = 512        # the reference pipeline's text length (prompt padded in the middle, mask)
 SUFFIX = 5          # assistant-suffix tokens after the padding

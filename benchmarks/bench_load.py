@@ -10,7 +10,7 @@ the high-water RSS at the end minus the RSS after the imports: ``VmHWM`` after r
 where /proc is missing), cases interleaved:
 
 * bf16 file kept as bf16;
-* bf16 file kept as fp8 storage (``dtype=float8_e4m3fn, operations=krea2_model.ops.CastOps``);
+* bf16 file kept as fp8 storage (``dtype=float8_e4m3fn, operations=krea2_model.model.ops.CastOps``);
 * fp8 file kept as fp8 storage;
 * for comparison, bf16 -> fp8 as the loader did before issue 6 (each tensor through safetensors'
   memory map, then cast), whose touched file pages count in the process's RSS.
@@ -44,7 +44,7 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch
 import krea2_model
-from krea2_model.ops import CastOps
+from krea2_model.model.ops import CastOps
 def status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -67,7 +67,7 @@ if "dtype" in kw:
     kw["dtype"] = getattr(torch, kw["dtype"])
 src = {path!r}
 if kw.pop("mmap", False):  # the previous loader: tensors through safetensors' memory map
-    from krea2_model.safetensors_io import open_source
+    from krea2_model.formats.safetensors_io import open_source
     src = open_source(src)
     src._reader = None
 m = krea2_model.load_transformer(src, **kw)
@@ -90,7 +90,7 @@ def write_checkpoint(path, cfg, dtype, seed=0):
     import torch
     from safetensors.torch import save_file
 
-    from krea2_model.checkpoint import expected_shapes
+    from krea2_model.formats.transformer_file import expected_shapes
 
     g = torch.Generator().manual_seed(seed)
     tile = (torch.randn(2 ** 20, generator=g) * 0.02).to(dtype)  # values only need to be finite and varied
@@ -125,7 +125,7 @@ def main(argv=None):
 
     import torch
 
-    from krea2_model.tiny import CONFIGS
+    from krea2_model.tiny.transformer import CONFIGS
 
     cfg = dataclasses.replace(CONFIGS["full"], layers=a.blocks)
     tmp = a.dir or tempfile.mkdtemp(prefix="krea2-load-")

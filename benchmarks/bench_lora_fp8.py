@@ -7,11 +7,11 @@ Krea2LoraLoader keeps the peak memory while patching under 1.1x the fp8 model.
 
 Writes a random Krea 2 transformer (bf16 file) and a random LoRA (``comfy`` style, rank ``--rank``) on
 every Linear weight of every block, then runs each case in a fresh subprocess of the host python with
-ComfyUI imported in-process on the CPU device (``--cpu``), the model loaded by ``nodes.comfy_model.load_model``
+ComfyUI imported in-process on the CPU device (``--cpu``), the model loaded by ``nodes.host.model.load_model``
 with ``weight_dtype="fp8_e4m3fn"``:
 
 * ``none``: ``load_models_gpu`` of an unpatched clone (control: what loading alone costs);
-* ``ours``: what ``Krea2LoraLoader`` does: ``nodes.comfy_lora.apply_lora`` (``ModelPatcher.add_patches``) +
+* ``ours``: what ``Krea2LoraLoader`` does: ``nodes.host.lora.apply_lora`` (``ModelPatcher.add_patches``) +
   ``comfy.model_management.load_models_gpu``; our model's ``Krea2ModelPatcher`` sees load device == offload
   device and applies the patched Linear weights at cast time (ComfyUI's ``LowVramPatch`` on the module, no
   backup, weights untouched); then ``unload_all_models``;
@@ -62,7 +62,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def bench_config(hidden: int, layers: int):
-    from krea2_model.transformer import Krea2Config
+    from krea2_model.model.transformer import Krea2Config
     return Krea2Config(hidden=hidden, heads=hidden // 128, kv_heads=max(1, hidden // 512), head_dim=128,
                        mlp_hidden=hidden * 8 // 3 // 128 * 128, layers=layers, text_dim=640, text_taps=12,
                        text_heads=5, text_kv_heads=5, text_mlp_hidden=1792)
@@ -156,8 +156,8 @@ def child(a):
 
     pack = importlib.import_module(os.path.basename(a.pack))
     res_pack = pack.__file__
-    cm = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
-    cl = importlib.import_module(pack.__name__ + ".nodes.comfy_lora")
+    cm = importlib.import_module(pack.__name__ + ".nodes.host.model")
+    cl = importlib.import_module(pack.__name__ + ".nodes.host.lora")
     torch.set_grad_enabled(False)
 
     def plain(m):
@@ -332,7 +332,7 @@ def main(argv=None):
     if a.write_files:
         hidden, layers, rank, model, lora = a.write_files
         import torch
-        from krea2_model import tiny
+        from krea2_model.tiny import transformer as tiny
         cfg = bench_config(int(hidden), int(layers))
         sd = tiny.random_state_dict(cfg, 0, torch.bfloat16)
         tiny.write(sd, model, "comfy")

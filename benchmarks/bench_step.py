@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step.py [--tokens 1024 4096] [--dtypes float32 bfloat16] [--reps 3]
 
-Anchors, all with the same random weights (``krea2_model.tiny.CONFIGS['bench']`` unless ``--config``):
+Anchors, all with the same random weights (``krea2_model.tiny.transformer.CONFIGS['bench']`` unless ``--config``):
 diffusers 0.42.1 ``Krea2Transformer2DModel`` fed as its pipeline feeds it (text padded to 512 tokens
 + mask) and unpadded; native ComfyUI Krea 2 (``comfy/ldm/krea2/model.py`` from a host tree found by
 ``COMFYUI_PATH`` / ``~/comfy/ComfyUI``) with the attention ComfyUI picks for the CPU
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from _models import (DiffusersCall, Floor, Native, build_diffusers, build_ours, inputs)  # noqa: E402
 from krea2_model import sampling  # noqa: E402
-from krea2_model.tiny import CONFIGS, random_state_dict  # noqa: E402
+from krea2_model.tiny.transformer import CONFIGS, random_state_dict  # noqa: E402
 
 HOSTDEPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".hostdeps")
 

@@ -39,7 +39,7 @@ _common.pin()  # before torch: pins the OpenMP threads (re-executes the script w
 import torch  # noqa: E402
 
 from krea2_model import load_text_encoder  # noqa: E402
-from krea2_model.tiny_text import CONFIGS, build_tokenizer, hf_text_config, random_state_dict  # noqa: E402
+from krea2_model.tiny.text import CONFIGS, build_tokenizer, hf_text_config, random_state_dict  # noqa: E402
 
 TAPS = (2, 5, 8, 11)
 TAPS_ALL = (2, 5, 8, 12)  # same work as the references: every layer runs

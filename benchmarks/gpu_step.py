@@ -56,7 +56,7 @@ TINY = Krea2Config(hidden=256, heads=2, kv_heads=1, head_dim=128, mlp_hidden=768
 
 def random_weights(cfg, dtype, device, seed=0):
     """Canonical random weights made directly on ``device`` (fan-in scaled; norms/tables small)."""
-    from krea2_model.checkpoint import expected_shapes
+    from krea2_model.formats.transformer_file import expected_shapes
 
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}

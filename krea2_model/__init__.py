@@ -1,14 +1,17 @@
 """Krea 2 in pure PyTorch: the transformer, the Qwen3-VL text taps, every file format.
 
-Never imports ``comfy``: the host adapters live in ``nodes/``.
+Never imports ``comfy``: the host adapters live in ``nodes/``. Grouped by concern: ``model/`` (the
+transformer), ``text/`` (the Qwen3-VL tower, tokenizer, prompt layout and encoder), ``formats/`` (every
+file layout and LoRA style), ``tiny/`` (generators of tiny random assets); ``sampling`` and ``errors``
+serve all of them. This module is the public surface (DESIGN.md).
 """
 
 from . import sampling
-from .attention import attention, set_attention_backend
-from .checkpoint import CanonicalCheckpoint, load_transformer
 from .errors import (ConditioningError, Krea2Error, Krea2FileError, LoraError, MissingTensorsError, NotKrea2Error,
                      PickleRefusedError, ShapeMismatchError, TokenizerNotFoundError)
-from .transformer import Krea2Config, Krea2Transformer
+from .formats.transformer_file import CanonicalCheckpoint, load_transformer
+from .model.attention import attention, set_attention_backend
+from .model.transformer import Krea2Config, Krea2Transformer
 
 __all__ = [
     "sampling", "attention", "set_attention_backend", "CanonicalCheckpoint", "load_transformer", "Krea2Config",
@@ -18,6 +21,7 @@ __all__ = [
 
 
 def load_text_encoder(*args, **kwargs):
-    """See :func:`krea2_model.text_encoder.load_text_encoder`."""
-    from .text_encoder import load_text_encoder as _load
+    """See :func:`krea2_model.text.encoder.load_text_encoder` (imported on first use: the tokenizer
+    library is only needed by the text side)."""
+    from .text.encoder import load_text_encoder as _load
     return _load(*args, **kwargs)

@@ -1,126 +1,28 @@
-"""ComfyUI V3 nodes for Krea 2. Thin: parse inputs, call one adapter function, wrap the result."""
+"""ComfyUI V3 nodes for Krea 2. Thin: parse inputs, call one adapter function, wrap the result.
+
+Node classes live in ``*_nodes.py``; everything that adapts our model to ComfyUI's machinery (model config,
+BaseModel, ModelPatcher, model sampling, CLIP, LoRA patches) lives in ``host/``.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 
-import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from ..krea2_model import Krea2Error, sampling
-
-from . import comfy_model, comfy_sampling
-
 log = logging.getLogger("krea2")
-CATEGORY = "Krea 2"
-DIFFUSERS_MARKERS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                     "model.safetensors.index.json", "model.safetensors")
-
-
-def _folder_entries(kind: str) -> list[str]:
-    """Model folders (diffusers / HF layouts) directly inside ``kind``'s search paths, as ``name/``."""
-    out = []
-    for base in folder_paths.get_folder_paths(kind):
-        if not os.path.isdir(base):
-            continue
-        for name in sorted(os.listdir(base)):
-            p = os.path.join(base, name)
-            if os.path.isdir(p):
-                inner = os.path.join(p, "transformer") if kind == "diffusion_models" else p
-                for cand in (p, inner):
-                    if any(os.path.exists(os.path.join(cand, m)) for m in DIFFUSERS_MARKERS):
-                        out.append(name + "/")
-                        break
-    return out
-
-
-def list_files(kind: str) -> list[str]:
-    # every file the host lists, pickles included: choosing one gets a clear refusal, not a silent gap
-    return sorted(set(folder_paths.get_filename_list(kind))) + _folder_entries(kind)
-
-
-def resolve(kind: str, name: str) -> str:
-    """Full path of a file or ``folder/`` from ``kind``; a clear error naming the input otherwise."""
-    if name.endswith("/"):
-        for base in folder_paths.get_folder_paths(kind):
-            p = os.path.join(base, name.rstrip("/"))
-            if os.path.isdir(p):
-                t = os.path.join(p, "transformer")
-                return t if kind == "diffusion_models" and os.path.isdir(t) else p
-    else:
-        p = folder_paths.get_full_path(kind, name)
-        if p is not None:
-            return p
-    raise Krea2Error(f"'{name}' was not found in models/{kind} (searched: "
-                     f"{', '.join(folder_paths.get_folder_paths(kind))}). Put the file there and refresh the page.")
-
-
-class Krea2ModelLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="Krea2ModelLoader", display_name="Load Krea 2 Model", category=CATEGORY,
-            description="Loads a Krea 2 transformer (Raw or Turbo) in any layout: Krea's file, ComfyUI repacks "
-                        "(bf16, fp8_scaled, quantized), diffusers files and folders.",
-            inputs=[
-                io.Combo.Input("model_name", options=list_files("diffusion_models"),
-                               tooltip="A file or diffusers folder from models/diffusion_models."),
-                io.Combo.Input("weight_dtype", options=comfy_model.WEIGHT_DTYPES, default="default",
-                               tooltip="Storage dtype of the weights, as core's Load Diffusion Model."),
-            ],
-            outputs=[io.Model.Output()],
-        )
-
-    @classmethod
-    def execute(cls, model_name, weight_dtype="default") -> io.NodeOutput:
-        return io.NodeOutput(comfy_model.load_model(resolve("diffusion_models", model_name), weight_dtype))
-
-
-class Krea2ModelSampling(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="Krea2ModelSampling", display_name="Krea 2 Model Sampling", category=CATEGORY,
-            description="Krea 2's reference sigma schedule. Raw: time shift mu from the image size (0.906 at "
-                        "1024x1024); Turbo: mu = 1.15. Use with the 'simple' scheduler. KSampler cfg = Krea "
-                        "guidance + 1 (Turbo: cfg 1; Raw: guidance 3.5 -> cfg 4.5).",
-            inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("variant", options=["raw", "turbo"], default="raw",
-                               tooltip="raw: resolution-aware shift; turbo: fixed mu 1.15 (8 steps, cfg 1)."),
-                io.Int.Input("width", default=1024, min=16, max=16384, step=8,
-                             tooltip="Image width in pixels (the same as the latent's)."),
-                io.Int.Input("height", default=1024, min=16, max=16384, step=8,
-                             tooltip="Image height in pixels."),
-                io.Float.Input("base_shift", default=sampling.BASE_SHIFT, min=-10.0, max=10.0, step=0.01,
-                               optional=True, tooltip="raw only: mu at 256 image tokens (256x256 px)."),
-                io.Float.Input("max_shift", default=sampling.MAX_SHIFT, min=-10.0, max=10.0, step=0.01,
-                               optional=True, tooltip="raw only: mu at 6400 image tokens (1280x1280 px)."),
-            ],
-            outputs=[io.Model.Output(tooltip="The model, cloned and patched. KSampler cfg = Krea guidance + 1.")],
-        )
-
-    @classmethod
-    def execute(cls, model, variant, width, height, base_shift=sampling.BASE_SHIFT,
-                max_shift=sampling.MAX_SHIFT) -> io.NodeOutput:
-        if not comfy_model.is_krea2_model(model):
-            raise Krea2Error(f"Krea2ModelSampling: the model input is a {type(model.model).__name__} model, not Krea 2. "
-                             "Connect a Krea2ModelLoader (or core's Krea 2) MODEL.")
-        m, mu = comfy_sampling.patch_model_sampling(model, variant, width, height, base_shift, max_shift)
-        log.info("Krea 2 sampling: %s at %dx%d, mu = %.4f", variant, width, height, mu)
-        return io.NodeOutput(m)
 
 
 def node_list():
+    from .model_nodes import Krea2ModelLoader, Krea2ModelSampling
     nodes = [Krea2ModelLoader, Krea2ModelSampling]
     try:
-        from .text import Krea2TextEncoderLoader, Krea2TextEncode
+        from .text_nodes import Krea2TextEncoderLoader, Krea2TextEncode
         nodes += [Krea2TextEncoderLoader, Krea2TextEncode]
     except ImportError as e:  # pragma: no cover - reported, never silent
         log.error("Krea 2: text nodes unavailable: %s", e)
     try:
-        from .lora import Krea2LoraLoader
+        from .lora_nodes import Krea2LoraLoader
         nodes.append(Krea2LoraLoader)
     except ImportError as e:  # pragma: no cover
         log.error("Krea 2: LoRA node unavailable: %s", e)

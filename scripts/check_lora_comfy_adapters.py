@@ -1,4 +1,4 @@
-"""Cross-check krea2_model.lora.to_comfy_patches against a real ComfyUI's weight adapters (not a unit test:
+"""Cross-check krea2_model.formats.lora.to_comfy_patches against a real ComfyUI's weight adapters (not a unit test:
 it imports ``comfy`` in-process).
 
     COMFYUI_PATH=/path/to/ComfyUI python scripts/check_lora_comfy_adapters.py
@@ -23,9 +23,9 @@ comfy.options.enable_args_parsing()
 import comfy.weight_adapter as wa  # noqa: E402
 import torch  # noqa: E402
 
-from krea2_model import lora  # noqa: E402
-from krea2_model.tiny import CONFIGS, random_state_dict  # noqa: E402
-from krea2_model.tiny_lora import STYLES, make_lora  # noqa: E402
+from krea2_model.formats import lora  # noqa: E402
+from krea2_model.tiny.transformer import CONFIGS, random_state_dict  # noqa: E402
+from krea2_model.tiny.lora import STYLES, make_lora  # noqa: E402
 
 
 def main() -> int:

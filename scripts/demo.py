@@ -33,7 +33,7 @@ def main():
     a = ap.parse_args()
     comfy = a.comfy or find_host()
     if comfy is None:
-        sys.exit("no ComfyUI found: pass --comfy or set COMFYUI_PATH (see scripts/make_host.sh to build one)")
+        sys.exit("no ComfyUI found: pass --comfy or set COMFYUI_PATH (see scripts/make_host.sh to set one up)")
     wf = json.load(open(os.path.join(ROOT, "example_workflows", "api", a.workflow + ".json")))
     for n in wf.values():
         if n["class_type"] in ("EmptySD3LatentImage", "Krea2ModelSampling"):

@@ -48,10 +48,10 @@ def main():
     import comfy.sample
 
     pack = importlib.import_module(os.path.basename(PACK))
-    cm = importlib.import_module(pack.__name__ + ".nodes.comfy_model")
-    cs = importlib.import_module(pack.__name__ + ".nodes.comfy_sampling")
-    tiny = importlib.import_module(pack.__name__ + ".krea2_model.tiny")
-    Krea2Config = importlib.import_module(pack.__name__ + ".krea2_model.transformer").Krea2Config
+    cm = importlib.import_module(pack.__name__ + ".nodes.host.model")
+    cs = importlib.import_module(pack.__name__ + ".nodes.host.sampling")
+    tiny = importlib.import_module(pack.__name__ + ".krea2_model.tiny.transformer")
+    Krea2Config = importlib.import_module(pack.__name__ + ".krea2_model.model.transformer").Krea2Config
 
     cfg = Krea2Config(hidden=a.hidden, heads=a.hidden // 128, kv_heads=max(1, a.hidden // 512), head_dim=128,
                       mlp_hidden=a.hidden * 8 // 3 // 128 * 128, layers=a.layers, text_dim=640, text_taps=12,

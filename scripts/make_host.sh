@@ -1,36 +1,37 @@
 #!/usr/bin/env bash
-# Build a ComfyUI host for the pack's host-tier tests (tests/host/), CPU only.
+# Set up the Python environment of a ComfyUI you already have (a git clone or an unpacked release of
+# ComfyUI), CPU only, so the pack's host-tier tests (tests/host/) can start it. It never replaces torch
+# in an environment that already has one.
 #
-#   scripts/make_host.sh SRC_DIR DEST_DIR
+#   scripts/make_host.sh COMFYUI_DIR [DEST_DIR]
 #
-# SRC_DIR: an exported ComfyUI source tree (e.g. from a git snapshot:
-#          git -C SNAPSHOT_GIT_DIR archive HEAD -- . ':(exclude)BIG_MISSING_FILE' | tar -x -C SRC_DIR).
-#          May equal DEST_DIR (then nothing is copied).
-# DEST_DIR: where the host goes (tests look in ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.3.64);
-#          its venv is DEST_DIR/.venv.
+# COMFYUI_DIR: the ComfyUI checkout (it holds main.py and requirements.txt).
+# DEST_DIR:    optional; a copy of the checkout is made there first (an existing venv in it is kept).
+#              Without it the checkout itself is set up in place.
+# The venv is <host>/.venv. The tests find the host through COMFYUI_PATH, else the pack's grandparent
+# when the pack sits in ComfyUI/custom_nodes, else ~/comfy/ComfyUI (and an older one for the
+# compatibility checks through COMFYUI_PATH_OLD, else ~/comfy/ComfyUI-0.3.64).
 #
-# Downloads only from PyPI (pip's configured indexes). Why this torch combination:
-#  * an unconstrained install of ComfyUI's requirements.txt pulls the newest CUDA torch (several GB)
-#    and replaces whatever torch is there, so torch/torchvision/torchaudio are filtered out of it and
-#    pinned through a constraints file;
-#  * ComfyUI imports torchvision (comfy/sd.py -> cascade) and, from 0.3x on, torchaudio
-#    (comfy/sd.py -> lightricks audio_vae) at start, so both must import;
-#  * PyPI's torchvision is a CUDA build that fails beside the local CPU torch 2.13.0
-#    ("operator torchvision::nms does not exist"); torch 2.14.1 + torchvision 0.29.1 (CUDA builds,
-#    on this machine's local wheel store for Python 3.11, runs on the CPU) import fine together;
-#  * torchaudio 2.11.0 (PyPI, 1.7 MB) ships stable-ABI (abi3) libraries and loads beside torch 2.14.1,
-#    so the big torch 2.9.1 fallback is not needed.
-# Override the pins with TORCH_PIN / TORCHVISION_PIN / TORCHAUDIO_PIN if another machine needs others
-# (e.g. aarch64: torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1).
+# Example, for a clone of ComfyUI's repository:
+#   git clone https://github.com/comfyanonymous/ComfyUI ~/comfy/ComfyUI && scripts/make_host.sh ~/comfy/ComfyUI
+#
+# Downloads only from pip's configured indexes. The torch combination, and why:
+#  * an unconstrained install of ComfyUI's requirements.txt pulls the newest torch build and replaces the
+#    one in the venv, so torch/torchvision/torchaudio are filtered out of it and held by a constraints file;
+#  * ComfyUI imports torchvision and, from 0.3x on, torchaudio at start, so both must import beside torch;
+#  * the pins (torch 2.14.1 + torchvision 0.29.1, torchaudio 2.11.0 without dependencies: its abi3
+#    libraries load beside that torch) import together on x86_64 Linux with Python 3.11 and run on the CPU.
+#    A venv that already has a working torch keeps it (set TORCH_PIN etc. to change the pins, e.g. on
+#    aarch64: TORCH_PIN=torch==2.9.1 TORCHVISION_PIN=torchvision==0.24.1 TORCHAUDIO_PIN=torchaudio==2.9.1).
 set -euo pipefail
 
-if [ $# -ne 2 ]; then
-    echo "usage: $0 SRC_DIR DEST_DIR" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: $0 COMFYUI_DIR [DEST_DIR]" >&2
     exit 2
 fi
 SRC=$(cd "$1" && pwd)
-mkdir -p "$2"
-DEST=$(cd "$2" && pwd)
+mkdir -p "${2:-$1}"
+DEST=$(cd "${2:-$1}" && pwd)
 PY=${PYTHON:-python3}
 TORCH_PIN=${TORCH_PIN:-torch==2.14.1}
 TORCHVISION_PIN=${TORCHVISION_PIN:-torchvision==0.29.1}
@@ -54,10 +55,15 @@ printf '%s\n%s\n%s\n' "$TORCH_PIN" "$TORCHVISION_PIN" "$TORCHAUDIO_PIN" > "$CONS
 # requirements.txt without its torch lines (the constraints decide those).
 grep -viE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=~!;].*)?$' "$DEST/requirements.txt" > "$REQS"
 
-# 1) torch + torchvision first (from the local wheel store where pip finds them), then torchaudio
-#    without dependencies (its metadata would otherwise try to move torch).
-"${PIP[@]}" install "$TORCH_PIN" "$TORCHVISION_PIN"
-"${PIP[@]}" install --no-deps "$TORCHAUDIO_PIN"
+# 1) torch + torchvision first, then torchaudio without dependencies (its metadata would otherwise try to
+#    move torch). Skipped when the venv already imports all three: its torch is never replaced.
+if "$VENV/bin/python" -c "import torch, torchvision, torchaudio" >/dev/null 2>&1; then
+    echo "keeping the venv's torch: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+    "$VENV/bin/python" -c 'import torch, torchvision, torchaudio; print(f"torch=={torch.__version__}"); print(f"torchvision=={torchvision.__version__}"); print(f"torchaudio=={torchaudio.__version__}")' > "$CONS"
+else
+    "${PIP[@]}" install "$TORCH_PIN" "$TORCHVISION_PIN"
+    "${PIP[@]}" install --no-deps "$TORCHAUDIO_PIN"
+fi
 # 2) the rest of ComfyUI's requirements, torch held where it is. `requests` is imported at start
 #    (app/frontend_management.py) but 0.3.64's requirements.txt does not list it.
 "${PIP[@]}" install -r "$REQS" requests -c "$CONS"

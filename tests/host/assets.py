@@ -14,8 +14,8 @@ import textwrap
 
 
 from krea2_model import Krea2Config
-from krea2_model.qwen3 import Qwen3TextConfig
-from krea2_model import tiny, tiny_text
+from krea2_model.text.qwen3 import Qwen3TextConfig
+from krea2_model.tiny import text as tiny_text, transformer as tiny
 
 HOST_CFG = Krea2Config(hidden=64, heads=4, kv_heads=1, head_dim=16, mlp_hidden=96, layers=2, time_dim=32,
                        text_dim=32, text_taps=12, text_heads=2, text_kv_heads=2, text_head_dim=16, text_mlp_hidden=64)
@@ -95,7 +95,7 @@ def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
     paths["text"] = tiny_text.write(text_state(0), os.path.join(models_dir, "text_encoders", TEXT), "full",
                                     HOST_TEXT_CFG)
     from safetensors.torch import save_file
-    from krea2_model import tiny_lora
+    from krea2_model.tiny import lora as tiny_lora
     for key, name, style in (("lora", LORA, "comfy"), ("lora_diffusers", LORA_DIFFUSERS, "diffusers"),
                              ("lora_fused", LORA_FUSED, "lycoris-fused")):
         lo = tiny_lora.make_lora(HOST_CFG, style, seed=7, rank=4)

@@ -28,8 +28,8 @@ import comfy.sd  # noqa: E402
 import comfy.text_encoders.llama as llama  # noqa: E402
 import comfy.text_encoders.qwen3vl as qwen3vl  # noqa: E402
 
-cc = pack("nodes.comfy_clip")
-cm = pack("nodes.comfy_model")
+cc = pack("nodes.host.clip")
+cm = pack("nodes.host.model")
 
 # -- core's size tables, shrunk to the test encoder's (see the docstring) --------------------------------
 t = spec["text_cfg"]

@@ -8,7 +8,7 @@ optionally ``"core_model"`` (a file core's own loader reads as native Krea 2) wi
 Prints one JSON line of measurements; ``tests/host/test_host_lora_patching.py`` asserts on it.
 
 For each weight dtype (fp32 file as is, fp8_e4m3fn storage) and each LoRA: the patched model's output
-through ``Krea2LoraLoader``'s path (``comfy_lora.apply_lora`` + ``load_models_gpu``) against the same
+through ``Krea2LoraLoader``'s path (``nodes.host.lora.apply_lora`` + ``load_models_gpu``) against the same
 patches on ComfyUI's plain ``ModelPatcher`` (patch-and-backup), what the patcher holds while loaded
 (backups, cast-time patches, untouched weights), and the state after unloading (every parameter's bytes,
 leftover weight functions, the unpatched output). Also: stacking, a partial unload while loaded, a
@@ -28,11 +28,11 @@ import comfy.model_patcher as mp  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
-cm = pack("nodes.comfy_model")
-cl = pack("nodes.comfy_lora")
-cp = pack("nodes.comfy_patcher")
-kt = pack("krea2_model.transformer")
-kl = pack("krea2_model.lora")
+cm = pack("nodes.host.model")
+cl = pack("nodes.host.lora")
+cp = pack("nodes.host.patcher")
+kt = pack("krea2_model.model.transformer")
+kl = pack("krea2_model.formats.lora")
 FAST = [0]
 _fast = cp._add_low_rank
 

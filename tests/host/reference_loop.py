@@ -25,7 +25,7 @@ def main(spec_path, out_path):
     source = s["transformer"]
     if s.get("loras"):  # merge each LoRA's delta into the weights by hand
         from krea2_model import CanonicalCheckpoint
-        from krea2_model.lora import merge_into, parse_lora
+        from krea2_model.formats.lora import merge_into, parse_lora
         ck = CanonicalCheckpoint(source)
         source = {k: ck.load(k).float() for k in ck.keys()}
         for path, strength in s["loras"]:

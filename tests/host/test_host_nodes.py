@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfy_host import PACK_DIRNAME
-from krea2_model.tiny_lora import STYLES as PATCH_STYLES  # every LoRA style the generator writes
+from krea2_model.tiny.lora import STYLES as PATCH_STYLES  # every LoRA style the generator writes
 from tests.host import assets as A
 from tests.ui_to_api import WIDGETS
 
@@ -279,7 +279,7 @@ sys.path.insert(0, os.environ["KREA2_PACK_PARENT"])
 import comfy.options; comfy.options.enable_args_parsing()
 import importlib, torch
 pack = importlib.import_module(os.environ["KREA2_PACK_NAME"])
-cm = importlib.import_module(os.environ["KREA2_PACK_NAME"] + ".nodes.comfy_model")
+cm = importlib.import_module(os.environ["KREA2_PACK_NAME"] + ".nodes.host.model")
 out = {}
 for wd in ("default", "fp8_e4m3fn", "fp8_e5m2"):
     m = cm.load_model(os.environ["KREA2_MODEL"], wd)
@@ -353,7 +353,7 @@ def _scaled_fp8_copy(src, dst):
 
 
 def _run_patch_check(h, tmp_path):
-    from krea2_model import tiny_lora
+    from krea2_model.tiny import lora as tiny_lora
     loras = {}
     for style in PATCH_STYLES:
         lo = tiny_lora.make_lora(A.HOST_CFG, style, seed=7, rank=4)
@@ -366,7 +366,7 @@ def _run_patch_check(h, tmp_path):
             "scaled_model": _scaled_fp8_copy(os.path.join(h.models_dir, "diffusion_models", A.TURBO),
                                              str(tmp_path / "turbo_scaled_fp8.safetensors"))}
     if h.native_krea2:  # core's own Krea 2 MODEL through our loader
-        from krea2_model import tiny
+        from krea2_model.tiny import transformer as tiny
         spec["core_model"] = tiny.write(tiny.random_state_dict(A.INTEROP_CFG, 11), str(tmp_path / "core.safetensors"),
                                         "comfy")
         lo = tiny_lora.make_lora(A.INTEROP_CFG, "lycoris-fused", seed=7, rank=4)

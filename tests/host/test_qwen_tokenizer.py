@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from krea2_model.prompt import (HOST_TOKENIZER, IM_END, IM_START, PREFIX, SUFFIX, build_prompt_ids, find_tokenizer,
-                                load_tokenizer, prefix_length)
+from krea2_model.text.prompt import PREFIX, SUFFIX, build_prompt_ids, prefix_length
+from krea2_model.text.tokenizer import HOST_TOKENIZER, IM_END, IM_START, find_tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.host
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

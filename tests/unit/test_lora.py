@@ -1,13 +1,13 @@
-"""LoRA parsing and application (krea2_model.lora) against hand-merged weights, in every key style."""
+"""LoRA parsing and application (krea2_model.formats.lora) against hand-merged weights, in every key style."""
 
 import pytest
 import torch
 
 from krea2_model import LoraError, Krea2FileError, load_transformer
-from krea2_model import lora as L
-from krea2_model.checkpoint import diffusers_to_canonical
-from krea2_model.tiny import CONFIGS, random_state_dict
-from krea2_model.tiny_lora import STYLES, TinyLora, lora_targets, make_lora
+from krea2_model.formats import lora as L
+from krea2_model.formats.transformer_file import diffusers_to_canonical
+from krea2_model.tiny.transformer import CONFIGS, random_state_dict
+from krea2_model.tiny.lora import STYLES, TinyLora, lora_targets, make_lora
 
 CFG = CONFIGS["gqa"]  # 2:1 GQA in the blocks, 3:1 in the text fusion: q and k/v row counts differ
 
@@ -291,7 +291,7 @@ def test_converter_names_are_weights_of_diffusers_model():
     equals our merge seen through the checkpoint name map: names and shapes agree end to end."""
     convert = _diffusers_converter()
     from diffusers import Krea2Transformer2DModel
-    from krea2_model.tiny import diffusers_config, to_layout
+    from krea2_model.tiny.transformer import diffusers_config, to_layout
     sd = random_state_dict(CFG, seed=0)
     ref_sd = Krea2Transformer2DModel(**diffusers_config(CFG)).state_dict()
     tl = make_lora(CFG, "comfy", seed=2)
@@ -529,7 +529,7 @@ def test_bad_dora_magnitude_shape_is_refused():
 
 @pytest.mark.parametrize("layout", ["original", "comfy", "diffusers"])
 def test_full_checkpoint_is_refused_as_a_lora(layout, base):
-    from krea2_model.tiny import to_layout
+    from krea2_model.tiny.transformer import to_layout
     with pytest.raises(LoraError, match="full Krea 2 checkpoint.*Krea2ModelLoader"):
         L.parse_lora(to_layout(base, layout), CFG)
 
@@ -544,7 +544,7 @@ def test_pickle_files_are_refused(tmp_path):
 # -- the generator ----------------------------------------------------------------------------------------
 
 def test_generator_is_reproducible_and_writes_every_style(tmp_path):
-    from krea2_model import tiny_lora
+    from krea2_model.tiny import lora as tiny_lora
     tiny_lora.main(["--out", str(tmp_path), "--config", "tiny", "--style", "all", "--seed", "3"])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == len(STYLES)
@@ -556,7 +556,7 @@ def test_generator_is_reproducible_and_writes_every_style(tmp_path):
 
 
 def test_generator_help_lists_styles(capsys):
-    from krea2_model import tiny_lora
+    from krea2_model.tiny import lora as tiny_lora
     with pytest.raises(SystemExit):
         tiny_lora.main(["--help"])
     out = capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from krea2_model import load_transformer
-from krea2_model.tiny import CONFIGS, random_state_dict
+from krea2_model.tiny.transformer import CONFIGS, random_state_dict
 
 
 def rel(a, b):
@@ -133,9 +133,9 @@ def test_block_has_no_graph_breaks(model):
 
 
 def test_streamed_load_equals_direct_cast_across_chunks(tmp_path, monkeypatch):
-    from krea2_model import safetensors_io
-    from krea2_model.ops import CastOps
-    from krea2_model.tiny import write
+    from krea2_model.formats import safetensors_io
+    from krea2_model.model.ops import CastOps
+    from krea2_model.tiny.transformer import write
 
     cfg = CONFIGS["tiny"]
     sd = random_state_dict(cfg, 4, torch.bfloat16)

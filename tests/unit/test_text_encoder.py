@@ -15,12 +15,13 @@ import torch
 
 from krea2_model import (Krea2FileError, MissingTensorsError, NotKrea2Error, PickleRefusedError, ShapeMismatchError,
                          TokenizerNotFoundError, load_text_encoder)
-from krea2_model.attention import attention, set_attention_backend
+from krea2_model.model.attention import attention, set_attention_backend
 from krea2_model.errors import WrongTextEncoderError
-from krea2_model.prompt import PREFIX, SUFFIX, build_prompt_ids, find_tokenizer, load_tokenizer, prefix_length
-from krea2_model.qwen3 import DEFAULT_TAPS, Qwen3TextModel
-from krea2_model.text_encoder import TextCheckpoint, load_text_model
-from krea2_model.tiny_text import (CONFIGS, LAYOUTS, build_tokenizer, file_name, hf_text_config, random_state_dict,
+from krea2_model.text.prompt import PREFIX, SUFFIX, build_prompt_ids, prefix_length
+from krea2_model.text.tokenizer import find_tokenizer, load_tokenizer
+from krea2_model.text.qwen3 import DEFAULT_TAPS, Qwen3TextModel
+from krea2_model.formats.text_file import TextCheckpoint, load_text_model
+from krea2_model.tiny.text import (CONFIGS, LAYOUTS, build_tokenizer, file_name, hf_text_config, random_state_dict,
                                    to_layout, write, write_all)
 
 transformers = pytest.importorskip("transformers")
@@ -193,7 +194,7 @@ def test_attention_causal_and_key_mask(h, hkv, with_mask, causal):
 
 def test_causal_gqa_without_sdpa_enable_gqa(monkeypatch):
     """Older torch (no ``enable_gqa``): the explicit-mask path gives the same result."""
-    att = sys.modules["krea2_model.attention"]  # the package re-exports a function of the same name
+    att = sys.modules["krea2_model.model.attention"]  # the package re-exports a function of the same name
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, n, 13, 16, generator=g) for n in (8, 2, 2))
     want = naive_attention(q, k, v, None, True)
@@ -440,7 +441,7 @@ def test_refuses_vision_only(tmp_path):
 
 
 def test_refuses_krea2_transformer(tmp_path):
-    from krea2_model.tiny import CONFIGS as TCONFIGS, random_state_dict as t_sd
+    from krea2_model.tiny.transformer import CONFIGS as TCONFIGS, random_state_dict as t_sd
     p = save(tmp_path, "krea2_raw.safetensors", t_sd(TCONFIGS["tiny"]))
     with pytest.raises(WrongTextEncoderError, match="not a Qwen text model.*Krea 2 transformer.*Krea2ModelLoader"):
         load_text_encoder(p)
@@ -594,7 +595,7 @@ def test_tokenizer_model_mismatch(tmp_path, tok_dir):
 
 
 def test_tiny_text_cli(tmp_path):
-    from krea2_model.tiny_text import main
+    from krea2_model.tiny.text import main
     main(["--out", str(tmp_path), "--layout", "text", "--config", "tiny-mha"])
     p = tmp_path / file_name("tiny-mha", "text")
     assert p.is_file() and (tmp_path / "tokenizer" / "vocab.json").is_file()
@@ -634,7 +635,7 @@ def test_prefix_reuse_is_exact_and_invalidated_by_weight_changes(reference):
 
 def test_templated_prompt_span_finds_the_prompt_in_another_tokenizers_ids():
     """What Krea2TextEncode uses to cut core's Krea 2 tokens to the reference limit."""
-    from krea2_model.prompt import IM_END_ID, IM_START_ID, NEWLINE_ID, USER_ID, templated_prompt_span
+    from krea2_model.text.prompt import IM_END_ID, IM_START_ID, NEWLINE_ID, USER_ID, templated_prompt_span
     system = [IM_START_ID, 8948, NEWLINE_ID, 11, 12, 13, IM_END_ID, NEWLINE_ID]
     suffix = [IM_END_ID, NEWLINE_ID, IM_START_ID, 77091, NEWLINE_ID]
     prompt = [101, 102, 103, 104]

@@ -8,9 +8,9 @@ import torch
 
 from krea2_model import (ConditioningError, Krea2FileError, MissingTensorsError, NotKrea2Error, PickleRefusedError,
                          ShapeMismatchError, load_transformer)
-from krea2_model.checkpoint import (CanonicalCheckpoint, canonical_to_diffusers, diffusers_to_canonical,
+from krea2_model.formats.transformer_file import (CanonicalCheckpoint, canonical_to_diffusers, diffusers_to_canonical,
                                     expected_shapes)
-from krea2_model.tiny import CONFIGS, diffusers_config, random_state_dict, to_layout, write
+from krea2_model.tiny.transformer import CONFIGS, diffusers_config, random_state_dict, to_layout, write
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import Krea2Transformer2DModel  # noqa: E402
@@ -255,7 +255,7 @@ def test_import_does_not_load_comfy_at_runtime():
     import subprocess
     import sys
 
-    code = ("import sys, krea2_model, krea2_model.checkpoint, krea2_model.tiny; "
+    code = ("import sys, krea2_model, krea2_model.formats.transformer_file, krea2_model.tiny.transformer; "
             "print(sorted(m for m in sys.modules if m == 'comfy' or m.startswith('comfy.')))")
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import comfy.model_sampling
 
-from ..krea2_model import sampling
+from ...krea2_model import sampling
 
 
 #: Entries of the sigma table the ``simple`` scheduler picks from. The reference evaluates the shift at

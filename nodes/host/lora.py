@@ -1,5 +1,5 @@
 """Host adapter: parsed Krea 2 LoRA patches -> ComfyUI ``ModelPatcher.add_patches`` (on a clone that
-applies them without a second copy of the model where ComfyUI would keep one; see ``comfy_patcher``)."""
+applies them without a second copy of the model where ComfyUI would keep one; see ``nodes.host.patcher``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import re
 
 import torch
 
-from ..krea2_model.checkpoint import infer_config
-from ..krea2_model.errors import Krea2Error, LoraError
-from ..krea2_model.lora import parse_lora, to_comfy_patches
-from ..krea2_model.transformer import Krea2Transformer
-from .comfy_patcher import adopt
+from ...krea2_model.errors import Krea2Error, LoraError
+from ...krea2_model.formats.lora import parse_lora, to_comfy_patches
+from ...krea2_model.formats.transformer_file import infer_config
+from ...krea2_model.model.transformer import Krea2Transformer
+from .patcher import adopt
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _TEXT = ("txtfusion.", "txtmlp.")

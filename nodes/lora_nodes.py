@@ -8,7 +8,7 @@ import re
 from comfy_api.latest import io
 
 from ..krea2_model.errors import Krea2Error, LoraError, first_names
-from . import comfy_lora
+from .host import lora as host_lora
 
 log = logging.getLogger("krea2")
 CATEGORY = "Krea 2"
@@ -61,7 +61,7 @@ class Krea2LoraLoader(io.ComfyNode):
         if strength == 0:
             return io.NodeOutput(model)
         try:
-            m, report = comfy_lora.apply_lora(model, path, strength, strength_text_fusion, parse_blocks(blocks))
+            m, report = host_lora.apply_lora(model, path, strength, strength_text_fusion, parse_blocks(blocks))
         except LoraError as e:
             raise Krea2Error(f"Krea2LoraLoader: {e}") from None
         log.info("Krea 2 LoRA %s: %d weights patched%s", lora_name, report["applied"],

@@ -19,11 +19,12 @@ import comfy.sd
 import comfy.supported_models_base
 import comfy.utils
 
-from ..krea2_model.errors import Krea2Error
-from ..krea2_model.prompt import (MAX_TOKENS, SUFFIX_LEN, build_prompt_ids, find_tokenizer, templated_prompt_span,
-                                  warn_truncated)
-from ..krea2_model.qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
-from ..krea2_model.text_encoder import TextCheckpoint
+from ...krea2_model.errors import Krea2Error
+from ...krea2_model.formats.text_file import TextCheckpoint
+from ...krea2_model.text.prompt import (MAX_TOKENS, SUFFIX_LEN, build_prompt_ids, templated_prompt_span,
+                                        warn_truncated)
+from ...krea2_model.text.qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
+from ...krea2_model.text.tokenizer import find_tokenizer
 
 log = logging.getLogger("krea2")
 KEY = "krea2_qwen3vl"

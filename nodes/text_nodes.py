@@ -5,9 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..krea2_model.errors import Krea2Error
-from ..krea2_model.prompt import MAX_TOKENS
-from ..krea2_model.qwen3 import DEFAULT_TAPS
-from . import comfy_clip
+from ..krea2_model.text.prompt import MAX_TOKENS
+from ..krea2_model.text.qwen3 import DEFAULT_TAPS
+from .files import list_files, resolve
+from .host import clip as host_clip
 
 CATEGORY = "Krea 2"
 DEFAULT_TAPS_TEXT = ",".join(map(str, DEFAULT_TAPS))
@@ -27,7 +28,6 @@ def parse_taps(text: str) -> tuple[int, ...]:
 class Krea2TextEncoderLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from . import list_files
         return io.Schema(
             node_id="Krea2TextEncoderLoader", display_name="Load Krea 2 Text Encoder", category=CATEGORY,
             description="Loads Qwen3-VL-4B for Krea 2: ComfyUI's full VL files (vision tower ignored), text-only "
@@ -39,8 +39,7 @@ class Krea2TextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder_name) -> io.NodeOutput:
-        from . import resolve
-        return io.NodeOutput(comfy_clip.load_clip(resolve("text_encoders", text_encoder_name)))
+        return io.NodeOutput(host_clip.load_clip(resolve("text_encoders", text_encoder_name)))
 
 
 class Krea2TextEncode(io.ComfyNode):
@@ -66,4 +65,4 @@ class Krea2TextEncode(io.ComfyNode):
     def execute(cls, clip, text, taps=DEFAULT_TAPS_TEXT, max_tokens=MAX_TOKENS) -> io.NodeOutput:
         if clip is None:
             raise Krea2Error("Krea2TextEncode: the clip input is empty (the loader failed or was bypassed).")
-        return io.NodeOutput(comfy_clip.encode(clip, text, parse_taps(taps), max_tokens))
+        return io.NodeOutput(host_clip.encode(clip, text, parse_taps(taps), max_tokens))

@@ -5,7 +5,7 @@ Pure PyTorch (never imports ``comfy``). One entry point reads a file or state di
     patches, unmapped = parse_lora(source, cfg)
 
 and every patch names one canonical parameter (the module names of
-:class:`~krea2_model.transformer.Krea2Transformer`, e.g. ``blocks.0.attn.wq.weight``). Every key of
+:class:`~krea2_model.model.transformer.Krea2Transformer`, e.g. ``blocks.0.attn.wq.weight``). Every key of
 the file is either used by a patch or returned in ``unmapped``; nothing is dropped silently.
 
 Key styles recognised (any mix of them in one file):
@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import canonical_to_diffusers, expected_shapes
-from .errors import LoraError, first_names
+from .transformer_file import canonical_to_diffusers, expected_shapes
+from ..errors import LoraError, first_names
 from .safetensors_io import open_source
-from .transformer import Krea2Config
+from ..model.transformer import Krea2Config
 
 KINDS = ("lora", "lokr", "loha", "diff")
 

@@ -1,15 +1,8 @@
-"""Krea 2's prompt layout and the Qwen tokenizer, without padding.
+"""The Qwen BPE tokenizer Krea 2's text encoder reads, from the files that ship with it.
 
-The reference (diffusers ``Krea2Pipeline.get_text_hidden_states``) tokenizes
-``PREFIX + prompt`` truncated to ``512 + 34 - 5`` tokens and padded to that length, appends the
-5-token ``SUFFIX`` after the padding, masks the padding, gives real tokens consecutive positions
-(``cumsum(mask) - 1``) and drops the first 34 rows (the system prefix). Padding is masked as a key
-and never moves a position, so running only the real tokens, ``[prefix | prompt | suffix]`` at
-positions ``0..n-1``, gives the same rows; :func:`build_prompt_ids` builds exactly those ids.
-
-The tokenizer is read with the ``tokenizers`` library (present in every ComfyUI host, imported
-lazily): a ``tokenizer.json``, or Qwen's ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json``
-for the special tokens) rebuilt the way ``transformers``' ``Qwen2Tokenizer`` builds it.
+Read with the ``tokenizers`` library (present in every ComfyUI host, imported lazily): a
+``tokenizer.json``, or Qwen's ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json`` for the
+special tokens), from beside the checkpoint or from the host's own ``qwen25_tokenizer`` folder.
 """
 
 from __future__ import annotations
@@ -18,21 +11,14 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 
-from .errors import Krea2Error, TokenizerNotFoundError
+from ..errors import Krea2Error, TokenizerNotFoundError
 
 log = logging.getLogger("krea2")
 
-#: The Qwen-Image system template Krea 2 was trained with; everything up to the user turn is dropped.
-PREFIX = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-          "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n")
-SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-#: The reference's ``max_sequence_length``: prompt tokens + suffix tokens after the prefix.
-MAX_TOKENS = 512
-
-#: ``transformers``' Qwen2 pre-tokenizer split (a published constant of the tokenizer format).
+#: Qwen's pre-tokenizer split pattern (a fixed part of the tokenizer format, the same in every Qwen
+#: ``tokenizer.json``).
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 #: Where a ComfyUI host keeps its Qwen tokenizer, relative to the ComfyUI root.
@@ -241,76 +227,3 @@ def find_tokenizer(source=None, tokenizer=None) -> QwenTokenizer:
         + (f". Skipped: {'; '.join(skipped)}" if skipped else "") + ".")
 
 
-@dataclass(frozen=True)
-class PromptIds:
-    """``ids``: ``[prefix | prompt | suffix]`` token ids (real tokens only); ``prefix_len``: rows to drop;
-    ``prompt_tokens``: prompt tokens kept; ``prompt_tokens_total``: before truncation."""
-    ids: list
-    prefix_len: int
-    prompt_tokens: int
-    prompt_tokens_total: int
-
-    @property
-    def real_tokens(self) -> int:
-        """Rows of the conditioning: kept prompt tokens + suffix tokens."""
-        return len(self.ids) - self.prefix_len
-
-
-def prefix_length(tok: QwenTokenizer, ids: list) -> int:
-    """Index of the first token after ``<|im_start|>user\\n``, found by token ids: the second
-    ``<|im_start|>`` then the tokens of ``user\\n`` (34 with Qwen's vocabulary).
-
-    The newline is counted as one token even when it merges with the prompt's leading whitespace,
-    so the rows dropped are those the reference drops."""
-    start = tok.token_id(IM_START)
-    seen = [i for i, t in enumerate(ids) if t == start][:2]
-    user = tok.encode("user\n")
-    if start is None or len(seen) < 2 or ids[seen[1] + 1:seen[1] + len(user)] != user[:-1]:
-        raise Krea2Error(f"{tok.where}: the Krea 2 template did not tokenize as the Qwen chat format ('<|im_start|>' "
-                         "is not a special token of this tokenizer?); use the Qwen tokenizer.")
-    return seen[1] + 1 + len(user)
-
-
-def build_prompt_ids(tok: QwenTokenizer, text: str, max_tokens: int = MAX_TOKENS, warn: bool = True) -> PromptIds:
-    """Token ids of ``PREFIX + text`` (truncated to ``max_tokens - len(suffix)`` prompt tokens) + ``SUFFIX``.
-
-    Tokenized together like the reference, so the prompt's first token may merge with the prefix's
-    closing newline exactly as it did in training. Truncation logs a warning with the counts."""
-    suffix = tok.encode(SUFFIX)
-    budget = max_tokens - len(suffix)
-    if budget < 0:
-        raise ValueError(f"max_tokens {max_tokens} is below the {len(suffix)}-token assistant suffix")
-    full = tok.encode(PREFIX + text)
-    n = prefix_length(tok, full)
-    total = len(full) - n
-    kept = min(total, budget)
-    if total > budget and warn:
-        warn_truncated(total, max_tokens, len(suffix))
-    return PromptIds(full[:n + kept] + suffix, n, kept, total)
-
-
-def warn_truncated(total: int, max_tokens: int, suffix_len: int = 5) -> None:
-    budget = max_tokens - suffix_len
-    log.warning("Krea 2: the prompt is %d tokens; Krea 2 reads at most %d (%d minus the %d-token assistant "
-                "suffix), so the last %d tokens are dropped.", total, budget, max_tokens, suffix_len, total - budget)
-
-
-IM_START_ID, IM_END_ID, USER_ID, NEWLINE_ID = 151644, 151645, 872, 198  # Qwen's ids
-SUFFIX_LEN = 5  # <|im_end|> \n <|im_start|> assistant \n
-
-
-def templated_prompt_span(ids: list) -> tuple[int, int] | None:
-    """``(start, end)`` of the prompt inside the token ids of the whole chat template (system turn, user turn
-    with the prompt, assistant opening) as another tokenizer produced them, e.g. ComfyUI's own Krea 2
-    tokenizer; ``None`` if ``ids`` do not have that shape. The prompt starts after ``<|im_start|>user\n`` (or
-    after ``user`` where the newline merged with the prompt's first token, as :func:`prefix_length` counts it)
-    and ends before the 5-token assistant suffix."""
-    if len(ids) < 3 + SUFFIX_LEN or ids[-SUFFIX_LEN] != IM_END_ID or ids[-3] != IM_START_ID:
-        return None
-    starts = [i for i, v in enumerate(ids[:-SUFFIX_LEN]) if v == IM_START_ID]
-    if len(starts) < 2 or ids[starts[1] + 1] != USER_ID:
-        return None
-    u = starts[1]
-    start = u + 3 if ids[u + 2] == NEWLINE_ID else u + 2
-    end = len(ids) - SUFFIX_LEN
-    return (start, end) if start <= end else None

@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from .checkpoint import canonical_to_diffusers, expected_shapes
-from .transformer import Krea2Config
+from ..formats.transformer_file import canonical_to_diffusers, expected_shapes
+from ..model.transformer import Krea2Config
 
 CONFIGS = {
     # 4:1 GQA, text heads 2/2

@@ -21,9 +21,9 @@ import comfy.model_patcher
 import comfy.supported_models_base
 import comfy.utils
 
-from ..krea2_model import CanonicalCheckpoint, Krea2Config, Krea2FileError, Krea2Transformer
-from ..krea2_model.checkpoint import _fix_shape as fix_shape
-from .comfy_patcher import patcher_class
+from ...krea2_model import CanonicalCheckpoint, Krea2Config, Krea2FileError, Krea2Transformer
+from ...krea2_model.formats.transformer_file import _fix_shape as fix_shape
+from .patcher import patcher_class
 
 log = logging.getLogger("krea2")
 

@@ -1,7 +1,7 @@
 """Krea 2 transformer checkpoints: layout detection, key normalisation, config inference, loading.
 
 Canonical keys are those of Krea's original single file (the module names of
-:class:`~krea2_model.transformer.Krea2Transformer`). Accepted layouts:
+:class:`~krea2_model.model.transformer.Krea2Transformer`). Accepted layouts:
 
 * ``original``: Krea's file (``first.*``, ``blocks.N.mod.lin`` flat ``(6F,)``, ``txtfusion.*``, ``last.*``);
 * ``comfy``: the same under ``model.diffusion_model.`` (ComfyUI repacks, including ``fp8_scaled`` and
@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from .errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, first_names
+from ..errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, first_names
 from .safetensors_io import TensorSource, open_source
-from .transformer import Krea2Config, Krea2Transformer
+from ..model.transformer import Krea2Config, Krea2Transformer
 
 log = logging.getLogger("krea2")
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from .errors import Krea2FileError, PickleRefusedError
+from ..errors import Krea2FileError, PickleRefusedError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

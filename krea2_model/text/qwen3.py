@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
-from .layers import cast_param, ops_or_default
+from ..model.attention import attention
+from ..model.layers import cast_param, ops_or_default
 
 #: Krea 2's taps: HF ``hidden_states`` indices (0 = embedding output) of Qwen3-VL-4B.
 DEFAULT_TAPS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)

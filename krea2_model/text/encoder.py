@@ -1,0 +1,92 @@
+"""Krea 2's text encoder: the Qwen3-VL tower plus its tokenizer, and prompt encoding.
+
+Files are read by :mod:`krea2_model.formats.text_file`; this module turns a prompt into the
+conditioning Krea 2's transformer takes (DESIGN.md: ``(1, tokens, len(taps) * hidden)``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from ..errors import ShapeMismatchError
+from ..formats.text_file import TextCheckpoint, load_text_model
+from .prompt import MAX_TOKENS, PromptIds, build_prompt_ids
+from .qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
+from .tokenizer import QwenTokenizer, find_tokenizer
+
+__all__ = ["DEFAULT_TAPS", "Encoding", "Krea2TextEncoder", "load_text_encoder"]
+
+
+class Encoding(NamedTuple):
+    """``cond (1, tokens, len(taps) * hidden)``: layer-major per token, real tokens only (kept prompt tokens
+    then the 5 suffix tokens); ``tokens``: that row count; ``prompt_tokens_total``: before truncation."""
+    cond: torch.Tensor
+    tokens: int
+    prompt_tokens_total: int
+
+
+class Krea2TextEncoder:
+    """Qwen3-VL taps for Krea 2: ``model`` (:class:`Qwen3TextModel`) + ``tokenizer`` (:class:`QwenTokenizer`)."""
+
+    def __init__(self, model: Qwen3TextModel, tokenizer: QwenTokenizer, where: str = ""):
+        #: reuse the 34-token system prefix's keys/values across prompts (exact: the tower is causal)
+        self.reuse_prefix = True
+        self.model = model
+        self.tokenizer = tokenizer
+        self.where = where
+
+    @property
+    def config(self) -> Qwen3TextConfig:
+        return self.model.config
+
+    def prompt_ids(self, text: str, max_tokens: int = MAX_TOKENS) -> PromptIds:
+        """The real-token ids of ``text`` in Krea 2's template (see :func:`~krea2_model.text.prompt.build_prompt_ids`)."""
+        return build_prompt_ids(self.tokenizer, text, max_tokens)
+
+    def encode(self, text: str, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
+               device=None, dtype=None) -> torch.Tensor:
+        """DESIGN.md's contract: the conditioning ``(1, n, len(taps) * hidden)`` of ``text``, real tokens
+        only, so ``n`` (its second size) is the number of real tokens. :meth:`encode_prompt` also gives the
+        prompt's length before truncation."""
+        return self.encode_prompt(text, taps, max_tokens, device, dtype).cond
+
+    @torch.no_grad()
+    def encode_prompt(self, text: str, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
+                      device=None, dtype=None) -> Encoding:
+        """``text`` -> :class:`Encoding` ``(cond (1, n, len(taps) * hidden), n, prompt_tokens_total)``.
+
+        ``n`` = kept prompt tokens (at most ``max_tokens - 5``; a warning gives the count when the prompt is
+        cut) + 5 suffix tokens. Rows equal the reference's padded encoding at its real tokens.
+        ``device``/``dtype``: where and in what to compute (default: the embedding weight's)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, not {type(text).__name__}")
+        p = self.prompt_ids(text, max_tokens)
+        w = self.model.embed_tokens.weight
+        dev = device if device is not None else (w.device if w.device.type != "meta" else "cpu")
+        if max(p.ids) >= self.config.vocab:
+            raise ShapeMismatchError(f"{self.where}: the tokenizer gives token id {max(p.ids)} but the text encoder's "
+                                     f"vocabulary has {self.config.vocab} entries: tokenizer and model do not belong "
+                                     "together.")
+        ids = torch.tensor([p.ids], dtype=torch.long, device=dev)
+        if self.reuse_prefix:  # the template prefix's states are computed once and reused
+            h = self.model.forward_after_prefix(ids, p.prefix_len, taps, dtype=dtype)
+        else:
+            h = self.model(ids, taps, dtype=dtype)[:, p.prefix_len:]
+        return Encoding(h, p.real_tokens, p.prompt_tokens_total)
+
+
+def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", operations=None,
+                      progress: Callable[[int, int], None] | None = None) -> Krea2TextEncoder:
+    """Load the Qwen3-VL text tower from ``source`` (a ``.safetensors`` file in any accepted layout, an HF
+    folder, or a state dict) and its tokenizer -> :class:`Krea2TextEncoder`.
+
+    ``tokenizer``: a folder / ``tokenizer.json`` / tokenizer object; default: files beside the checkpoint,
+    else the host's ``comfy/text_encoders/qwen25_tokenizer`` (raises :class:`TokenizerNotFoundError`
+    when neither exists). ``dtype``/``device``/``operations`` as :func:`load_text_model`."""
+    ck = TextCheckpoint(source)
+    tok = find_tokenizer(source if isinstance(source, (str, os.PathLike)) else None, tokenizer)
+    model = load_text_model(ck, dtype=dtype, device=device, operations=operations, progress=progress)
+    return Krea2TextEncoder(model, tok, ck.where)
