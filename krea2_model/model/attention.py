@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 
 _backend = None
-_sdpa_gqa = [True]  # emptied when this torch's SDPA has no enable_gqa
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+#: SDPA's ``enable_gqa`` (K/V heads shared inside the kernel) exists from torch 2.5 on. Decided once from
+#: the version: a TypeError raised inside a call is a real error, never a reason to switch paths.
+SDPA_HAS_GQA = _torch_version() >= (2, 5)
 
 
 def set_attention_backend(fn) -> None:
@@ -44,11 +53,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         out = None
         if mask is None and h == hkv:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif mask is None and _sdpa_gqa:
-            try:  # torch >= 2.5: K/V heads shared in the kernel, and the causal flag stays fast
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            except TypeError:
-                _sdpa_gqa.clear()
+        elif mask is None and SDPA_HAS_GQA:  # K/V heads shared in the kernel, and the causal flag stays fast
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if out is not None:
             return out.transpose(1, 2).reshape(b, l, h * d)
         # Stacked GQA query rows (below) are no longer aligned with their key positions, so SDPA's

@@ -8,6 +8,7 @@ offload devices, so low-VRAM partial loading, LoRA patching and unloading work a
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -166,9 +167,9 @@ def load_model(path: str, weight_dtype: str = "default", model_options: dict | N
         unet_dtype = opts["dtype"]
     manual_cast = mm.unet_manual_cast(None if _cfg_attr(model_config, "quant_config") is not None else unet_dtype,
                                       load_device, model_config.supported_inference_dtypes)
-    try:
+    if _takes(model_config.set_inference_dtype, "device"):
         model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
-    except TypeError:  # older hosts: no device argument
+    else:  # older hosts (0.3.6x): no device argument
         model_config.set_inference_dtype(unet_dtype, manual_cast)
     if opts.get("fp8_optimizations"):
         model_config.optimizations["fp8"] = True
@@ -180,14 +181,21 @@ def load_model(path: str, weight_dtype: str = "default", model_options: dict | N
     if not mm.is_device_cpu(offload_device):
         model.to(offload_device)
     dynamic = getattr(patcher, "is_dynamic", lambda: False)()
-    try:
+    if _takes(model.load_model_weights, "assign"):
         model.load_model_weights(sd, "", assign=dynamic)
-    except TypeError:
+    else:  # older hosts: no assign argument (and no dynamic VRAM)
         model.load_model_weights(sd, "")
     del sd
     log.info("Krea 2: loaded %s (%s layout, hidden %d, %d blocks, weights %s, compute %s)", os.path.basename(path),
              ck.layout, ck.config.hidden, ck.config.layers, unet_dtype, manual_cast or unet_dtype)
     return patcher
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether host function ``fn`` accepts keyword ``name``: host versions differ in signatures, and
+    asking once is exact where retrying on TypeError would hide a TypeError raised inside the call."""
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def is_krea2_model(model) -> bool:

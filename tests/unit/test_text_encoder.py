@@ -198,8 +198,33 @@ def test_causal_gqa_without_sdpa_enable_gqa(monkeypatch):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, n, 13, 16, generator=g) for n in (8, 2, 2))
     want = naive_attention(q, k, v, None, True)
-    monkeypatch.setattr(att, "_sdpa_gqa", [])
+    monkeypatch.setattr(att, "SDPA_HAS_GQA", False)
     assert rel(attention(q, k, v, is_causal=True), want) <= 1e-5
+
+
+def test_type_error_inside_attention_is_raised_and_switches_nothing_off(monkeypatch):
+    """The GQA fast path is chosen from torch's version, once: a TypeError raised inside the kernel call is
+    the caller's error (raised), never a reason to switch the fast path off for the rest of the process."""
+    att = sys.modules["krea2_model.model.attention"]
+    assert att.SDPA_HAS_GQA == (tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5))
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, n, 7, 16, generator=g) for n in (8, 2, 2))
+    real = att.F.scaled_dot_product_attention
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(kw.get("enable_gqa"))
+        raise TypeError("boom inside the kernel")
+
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", failing)
+    with pytest.raises(TypeError, match="boom"):
+        attention(q, k, v, is_causal=True)
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", real)
+    assert calls == [True]
+    seen = []
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    attention(q, k, v, is_causal=True)
+    assert seen[0].get("enable_gqa") is True  # the fast path is still the one taken
 
 
 # ------------------------------------------------------------------------------------ tokenizer + layout
