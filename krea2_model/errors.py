@@ -19,6 +19,10 @@ class PickleRefusedError(Krea2FileError):
     """A pickle-based checkpoint (.ckpt/.pt/.pth/.bin). We never unpickle: it can run arbitrary code."""
 
 
+class QuantFormatError(Krea2FileError):
+    """A quantized weight in a format (or with a scale layout) that cannot be read back exactly."""
+
+
 class NotKrea2Error(Krea2Error):
     """A readable file whose tensors belong to another model."""
 

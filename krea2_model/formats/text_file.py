@@ -17,20 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from typing import Callable
 
 import torch
 
 from ..errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, WrongTextEncoderError, first_names
 from ..text.qwen3 import Qwen3TextConfig, Qwen3TextModel
+from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize
 from .safetensors_io import TensorSource, open_source
-from .transformer_file import MARKER_KEYS, QUANT_SUFFIXES, check_tensors
+from .tensors import check_tensors, count_indices, module_shapes, set_tensor
 
 log = logging.getLogger("krea2")
 
 _ANCHOR = "layers.0.self_attn.q_proj.weight"
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 __all__ = ["TextCheckpoint", "load_text_model", "find_tower_prefix", "describe_text_foreign", "infer_text_config"]
 
@@ -98,11 +97,6 @@ def describe_text_foreign(keys, where: str = "checkpoint", config: dict | None =
     return None
 
 
-def _count(keys, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
-
-
 def _read_hf_config(source) -> dict:
     """``config.json`` of an HF folder as a flat dict of the text tower's settings (``{}`` if none)."""
     if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
@@ -140,7 +134,7 @@ def infer_text_config(shapes: dict, where: str = "checkpoint", hf: dict | None =
         if theta is None and isinstance(hf.get(k), dict):
             theta = hf[k].get("rope_theta")
     cfg = Qwen3TextConfig(
-        hidden=hidden, layers=_count(shapes, r"^layers\.(\d+)\."), heads=need("layers.0.self_attn.q_proj.weight")[0] // head_dim,
+        hidden=hidden, layers=count_indices(shapes, r"^layers\.(\d+)\."), heads=need("layers.0.self_attn.q_proj.weight")[0] // head_dim,
         kv_heads=need("layers.0.self_attn.k_proj.weight")[0] // head_dim, head_dim=head_dim,
         mlp_hidden=need("layers.0.mlp.gate_proj.weight")[0], vocab=vocab,
         eps=float(hf.get("rms_norm_eps", Qwen3TextConfig.eps)),
@@ -153,9 +147,7 @@ def infer_text_config(shapes: dict, where: str = "checkpoint", hf: dict | None =
 
 
 def expected_text_shapes(cfg: Qwen3TextConfig) -> dict:
-    with torch.device("meta"):
-        m = Qwen3TextModel(cfg)
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    return module_shapes(lambda: Qwen3TextModel(cfg))
 
 
 class TextCheckpoint:
@@ -203,50 +195,15 @@ class TextCheckpoint:
     def load(self, k) -> torch.Tensor:
         return self.src[self.keymap[k]]
 
-    def quant_format(self, k) -> str | None:
-        """The ``comfy_quant`` format of weight ``k`` (e.g. ``'float8_e4m3fn'``), if the file says one."""
-        q = k.rsplit(".", 1)[0] + ".comfy_quant"
-        if q not in self.aux:
-            return None
-        try:
-            return json.loads(bytes(self.src[self.aux[q]].tolist()).decode("utf-8")).get("format")
-        except Exception:
-            return "unreadable"
-
-    def quant_scale(self, k):
-        base = k.rsplit(".", 1)[0]
-        for suf in (".scale_weight", ".weight_scale"):
-            if base + suf in self.aux:
-                return self.src[self.aux[base + suf]]
-        return None
-
     def dequantized(self, k: str, keep_fp8: bool = False) -> torch.Tensor:
-        """Tensor ``k``; fp8 weights times their per-tensor scale (float32) unless ``keep_fp8`` and unscaled."""
+        """Tensor ``k`` with its real values: scaled / quantized weights dequantized exactly (float32), see
+        :mod:`krea2_model.formats.quant`; an unscaled fp8 weight kept as fp8 when ``keep_fp8``."""
         t = self.load(k)
-        fmt = self.quant_format(k)
-        if fmt is not None and fmt not in ("float8_e4m3fn", "float8_e5m2"):
-            raise NotKrea2Error(f"{self.where}: '{self.keymap[k]}' is stored in ComfyUI's '{fmt}' quantization, which "
-                                "the Krea 2 text-encoder loader does not read. Use qwen3vl_4b_bf16 or "
-                                "qwen3vl_4b_fp8_scaled.")
-        scale = self.quant_scale(k) if t.dtype in _FP8 or t.dtype == torch.int8 else None
-        if t.dtype in _FP8 or scale is not None:
-            if keep_fp8 and scale is None and t.dtype in _FP8:
-                return t
-            if scale is not None and scale.numel() not in (1, t.shape[0]):
-                raise NotKrea2Error(f"{self.where}: '{self.keymap[k]}' has a block-wise scale of shape "
-                                    f"{list(scale.shape)}, which this loader does not read. Use qwen3vl_4b_bf16 or "
-                                    "qwen3vl_4b_fp8_scaled.")
-            t = t.to(torch.float32)
-            if scale is not None:
-                s = scale.to(torch.float32)
-                t = t * (s.reshape(-1, *([1] * (t.ndim - 1))) if s.numel() > 1 else s.reshape(()))
-        return t
-
-
-def _set_tensor(model: torch.nn.Module, key: str, t: torch.Tensor) -> None:
-    mod_name, _, name = key.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    mod._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+        base = k.rsplit(".", 1)[0]
+        side = {suf[1:]: self.src[self.aux[base + suf]] for suf in QUANT_SUFFIXES if base + suf in self.aux}
+        if not side and t.dtype not in FP8:
+            return t
+        return dequantize(t, side, self.where, self.keymap[k], keep_fp8=keep_fp8)
 
 
 def load_text_model(source, *, dtype=None, device="cpu", operations=None,
@@ -270,8 +227,8 @@ def load_text_model(source, *, dtype=None, device="cpu", operations=None,
             target = params[k].dtype  # what the (host's) modules were built to store
         else:
             target = stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
-        t = ck.dequantized(k, keep_fp8=target in _FP8)
-        _set_tensor(model, k, t.to(device=device, dtype=target))
+        t = ck.dequantized(k, keep_fp8=target in FP8)
+        set_tensor(model, k, t.to(device=device, dtype=target))
         if progress:
             progress(i + 1, len(keys))
     model.eval()

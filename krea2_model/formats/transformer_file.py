@@ -20,17 +20,14 @@ from typing import Callable
 import torch
 
 from ..errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, first_names
-from .safetensors_io import TensorSource, open_source
 from ..model.transformer import Krea2Config, Krea2Transformer
+from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize
+from .safetensors_io import TensorSource, open_source
+from .tensors import check_tensors, count_indices, module_shapes, set_tensor
 
 log = logging.getLogger("krea2")
 
 HOST_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-#: Tensors that belong to a quantized weight and travel with it (ComfyUI scaled-fp8 and quant formats).
-QUANT_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant",
-                  ".weight_scale_2", ".pre_quant_scale")
-#: Whole-file marker tensors of ComfyUI's scaled-fp8 files; not weights.
-MARKER_KEYS = ("scaled_fp8",)
 
 # diffusers name -> canonical name. Prefix renames apply at the start of the key, block renames anywhere.
 _DIFFUSERS_PREFIX = (
@@ -147,11 +144,6 @@ def _fix_shape(key: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _count(shapes, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
-
-
 def infer_config(shapes: dict, where: str = "checkpoint") -> Krea2Config:
     """A :class:`Krea2Config` from canonical ``{key: shape}``. Head size comes from the q/k norm length."""
     def need(key):
@@ -169,7 +161,7 @@ def infer_config(shapes: dict, where: str = "checkpoint") -> Krea2Config:
         heads=need("blocks.0.attn.wq.weight")[0] // head_dim,
         kv_heads=need("blocks.0.attn.wk.weight")[0] // head_dim,
         mlp_hidden=need("blocks.0.mlp.gate.weight")[0],
-        layers=_count(shapes, r"^blocks\.(\d+)\."),
+        layers=count_indices(shapes, r"^blocks\.(\d+)\."),
         in_channels=in_ch,
         time_dim=need("tmlp.0.weight")[1],
         text_dim=need("txtmlp.0.scale")[0],
@@ -178,8 +170,8 @@ def infer_config(shapes: dict, where: str = "checkpoint") -> Krea2Config:
         text_heads=need("txtfusion.layerwise_blocks.0.attn.wq.weight")[0] // t_head,
         text_kv_heads=need("txtfusion.layerwise_blocks.0.attn.wk.weight")[0] // t_head,
         text_mlp_hidden=need("txtfusion.layerwise_blocks.0.mlp.gate.weight")[0],
-        text_layerwise_blocks=_count(shapes, r"^txtfusion\.layerwise_blocks\.(\d+)\."),
-        text_refiner_blocks=_count(shapes, r"^txtfusion\.refiner_blocks\.(\d+)\."),
+        text_layerwise_blocks=count_indices(shapes, r"^txtfusion\.layerwise_blocks\.(\d+)\."),
+        text_refiner_blocks=count_indices(shapes, r"^txtfusion\.refiner_blocks\.(\d+)\."),
     )
     if cfg.head_dim % 16 or cfg.heads * cfg.head_dim == 0 or cfg.heads % max(cfg.kv_heads, 1):
         raise ShapeMismatchError(f"{where}: inferred head size {cfg.head_dim} with {cfg.heads} query / {cfg.kv_heads} "
@@ -188,28 +180,8 @@ def infer_config(shapes: dict, where: str = "checkpoint") -> Krea2Config:
     return cfg
 
 
-def check_tensors(shapes: dict, want: dict, where: str, what: str, file_key, size: str) -> None:
-    """Raise :class:`MissingTensorsError` (count and first names) or :class:`ShapeMismatchError` (file key,
-    shape seen, shape expected) unless canonical ``shapes`` cover ``want``. ``file_key`` maps a canonical
-    name to the file's name for it (present or missing); ``size`` describes the inferred model size."""
-    missing = [k for k in want if k not in shapes]
-    if missing:
-        raise MissingTensorsError(
-            f"{where}: {len(missing)} of the {len(want)} {what} tensors are missing (first: "
-            f"{first_names([file_key(m) for m in missing])}). The file is incomplete or a "
-            "partial export; download the full checkpoint.")
-    for k, shp in want.items():
-        if shapes[k] != shp:
-            raise ShapeMismatchError(
-                f"{where}: tensor '{file_key(k)}' has shape {list(shapes[k])}, expected {list(shp)} for the "
-                f"{what} size inferred from the rest of the file ({size}). The file mixes tensors of different "
-                "models or is corrupt.")
-
-
 def expected_shapes(cfg: Krea2Config) -> dict:
-    with torch.device("meta"):
-        m = Krea2Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    return module_shapes(lambda: Krea2Transformer(cfg))
 
 
 class CanonicalCheckpoint:
@@ -268,13 +240,23 @@ class CanonicalCheckpoint:
     def load_aux(self, k) -> torch.Tensor:
         return self.src[self.aux[k]]
 
-    def quant_scale(self, weight_key: str):
-        """The per-tensor scale of a scaled-fp8 weight, if the file has one."""
+    def side(self, weight_key: str) -> dict:
+        """The side tensors of a quantized weight (``{'weight_scale': t, 'comfy_quant': t, ...}``; empty for a
+        plain weight), by suffix name without the dot."""
         base = weight_key.rsplit(".", 1)[0]
-        for suf in (".scale_weight", ".weight_scale"):
-            if base + suf in self.aux:
-                return self.load_aux(base + suf)
-        return None
+        return {suf[1:]: self.load_aux(base + suf) for suf in QUANT_SUFFIXES if base + suf in self.aux}
+
+    def is_plain(self, weight_key: str) -> bool:
+        """True when the stored tensor holds the weight's values as they are (no scale, no quant config)."""
+        base = weight_key.rsplit(".", 1)[0]
+        return not any(base + suf in self.aux for suf in (".scale_weight", ".weight_scale", ".comfy_quant"))
+
+    def weight(self, k: str, keep_fp8: bool = False) -> torch.Tensor:
+        """Canonical tensor ``k`` with its real values (scaled / quantized weights dequantized exactly, see
+        :mod:`krea2_model.formats.quant`; an unscaled fp8 weight kept as fp8 when ``keep_fp8``)."""
+        t = self.load(k)
+        return t if self.is_plain(k) and t.dtype not in FP8 else \
+            dequantize(t, self.side(k), self.where, self.keymap[k], keep_fp8=keep_fp8)
 
     def report_extra(self) -> None:
         if self.extra:
@@ -288,14 +270,6 @@ class CanonicalCheckpoint:
             for c in self.aux:
                 out[c] = self.load_aux(c)
         return out
-
-
-def _set_tensor(model: torch.nn.Module, key: str, t: torch.Tensor) -> None:
-    mod_name, _, name = key.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    old = mod._parameters.get(name)
-    mod._parameters[name] = torch.nn.Parameter(t, requires_grad=False) if old is not None or name in mod._parameters \
-        else t
 
 
 def load_transformer(source, *, dtype=None, device="cpu", operations=None,
@@ -312,7 +286,6 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
         model = Krea2Transformer(ck.config, dtype=dtype, operations=operations)
     params = dict(model.named_parameters())
     keys = ck.keys()
-    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
     on_cpu = torch.device(device).type == "cpu"
     for i, k in enumerate(keys):
         stored = ck.source_dtype(k)
@@ -325,26 +298,22 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
         else:
             target = None
         zero_copy = stored == target and on_cpu  # safetensors hands out pages of its memory map
-        if ck.src.streams and not zero_copy and stored is not None and target is not None and (
-                stored not in fp8 or (target in fp8 and ck.quant_scale(k) is None)):
+        if ck.src.streams and not zero_copy and stored is not None and target is not None and ck.is_plain(k) and (
+                stored.is_floating_point and (stored not in FP8 or target in FP8)):
             # A cast or another device: stream straight into a tensor of the kept dtype, so peak
             # memory is what is kept plus one read chunk (a bf16 file kept as fp8 never holds a bf16
             # copy, and no file page stays mapped). Same dtype on the CPU keeps the memory map:
             # nothing is copied, pages come in on first use and stay evictable (file-backed).
             out = torch.empty(ck.shape(k), dtype=target)
             ck.load_into(k, out)
-            _set_tensor(model, k, out if on_cpu else out.to(device))
+            set_tensor(model, k, out if on_cpu else out.to(device))
             if progress:
                 progress(i + 1, len(keys))
             continue
-        t = ck.load(k)
-        if target is None:
-            target = t.dtype if t.dtype.is_floating_point and t.dtype.itemsize >= 2 else torch.bfloat16
-        if t.dtype in fp8:
-            scale = ck.quant_scale(k)
-            if not (target in fp8 and scale is None):  # dequantise unless fp8 storage is kept as is
-                t = t.to(torch.float32) * (scale.to(torch.float32) if scale is not None else 1.0)
-        _set_tensor(model, k, t.to(device=device, dtype=target))
+        if target is None or not target.is_floating_point or target.itemsize < 2 and target not in FP8:
+            target = torch.bfloat16  # a quantized store without a float dtype to keep
+        t = ck.weight(k, keep_fp8=target in FP8)  # scaled / quantized weights come back dequantised
+        set_tensor(model, k, t.to(device=device, dtype=target))
         if progress:
             progress(i + 1, len(keys))
     model.eval()

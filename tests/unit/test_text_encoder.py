@@ -16,7 +16,7 @@ import torch
 from krea2_model import (Krea2FileError, MissingTensorsError, NotKrea2Error, PickleRefusedError, ShapeMismatchError,
                          TokenizerNotFoundError, load_text_encoder)
 from krea2_model.model.attention import attention, set_attention_backend
-from krea2_model.errors import WrongTextEncoderError
+from krea2_model.errors import QuantFormatError, WrongTextEncoderError
 from krea2_model.text.prompt import PREFIX, SUFFIX, build_prompt_ids, prefix_length
 from krea2_model.text.tokenizer import find_tokenizer, load_tokenizer
 from krea2_model.text.qwen3 import DEFAULT_TAPS, Qwen3TextModel
@@ -539,8 +539,9 @@ def test_refuses_unsupported_quantization(tmp_path, tok_dir):
     sd = to_layout(random_state_dict(cfg), "full-fp8", cfg)
     k = "model.language_model.layers.0.mlp.up_proj.comfy_quant"
     sd[k] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
-    with pytest.raises(NotKrea2Error, match="'nvfp4' quantization"):
+    with pytest.raises(QuantFormatError, match="'nvfp4' quantization") as e:
         load_text_encoder(sd, tokenizer=tok_dir)
+    assert "layers.0.mlp.up_proj.weight" in str(e.value)
 
 
 def test_all_refusals_are_not_krea2_errors():

@@ -159,9 +159,80 @@ def test_scaled_fp8_file_is_dequantised(tmp_path):
     p = tmp_path / "fp8_scaled.safetensors"
     save_file(q, str(p))
     m = load_transformer(str(p), dtype=torch.float32)
-    w = m.state_dict()["blocks.0.attn.wq.weight"]
-    assert w.dtype == torch.float32
-    assert rel(w, sd["blocks.0.attn.wq.weight"]) < 0.05  # fp8-class error, not garbage
+    got = m.state_dict()
+    for k in sd:
+        fk = "model.diffusion_model." + k
+        if q[fk].dtype == torch.float8_e4m3fn:  # the stored fp8 numbers times their scale, exactly
+            scale = q[fk[:-len("weight")] + "scale_weight"]
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], q[fk].float() * scale), k
+    assert sum(v.dtype == torch.float8_e4m3fn for v in q.values()) >= 8  # the file really holds fp8 weights
+
+
+def _comfy_quant(conf: dict) -> torch.Tensor:
+    import json
+    return torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+
+
+def _quantized_file(tmp_path, fmt, per_row=False, conf_extra=None):
+    """The tiny model with every block Linear weight stored as ComfyUI's per-layer ``fmt`` (``comfy_quant`` +
+    ``weight_scale``), as a ComfyUI repack lays it out. Returns the path and the weights' exact real values."""
+    from safetensors.torch import save_file
+
+    sd = random_state_dict(CONFIGS["tiny"], 0)
+    q, want = {}, {}
+    top = {"int8_tensorwise": 127.0, "float8_e4m3fn": 448.0}[fmt]
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.ndim == 2 and k.startswith("blocks."):
+            s = (v.abs().amax(dim=1, keepdim=True) if per_row else v.abs().max()) / top
+            if fmt == "int8_tensorwise":
+                stored = (v / s).round().clamp(-127, 127).to(torch.int8)
+            else:
+                stored = (v / s).to(torch.float8_e4m3fn)
+            q["model.diffusion_model." + k] = stored
+            q["model.diffusion_model." + k[:-len("weight")] + "weight_scale"] = s.float()
+            q["model.diffusion_model." + k[:-len("weight")] + "comfy_quant"] = _comfy_quant(
+                {"format": fmt, **(conf_extra or {})})
+            want[k] = stored.float() * s.float()
+        else:
+            q["model.diffusion_model." + k] = v
+    p = tmp_path / f"{fmt}.safetensors"
+    save_file(q, str(p))
+    return str(p), want
+
+
+@pytest.mark.parametrize("fmt,per_row", [("int8_tensorwise", False), ("int8_tensorwise", True),
+                                         ("float8_e4m3fn", False)])
+def test_comfy_per_layer_quantized_file_is_dequantised_exactly(tmp_path, fmt, per_row):
+    """ComfyUI's per-layer quantized files: the stored numbers times their scale, exactly (main loaded the raw
+    int8 values, up to 127, for an int8_tensorwise weight)."""
+    path, want = _quantized_file(tmp_path, fmt, per_row)
+    got = load_transformer(path, dtype=torch.float32).state_dict()
+    for k, w in want.items():
+        assert torch.equal(got[k], w), k
+
+
+@pytest.mark.parametrize("conf", [{"format": "nvfp4"}, {"format": "mxfp8"}, {"format": "convrot_w4a4"},
+                                  {"format": "int8_tensorwise", "params": {"convrot": True}},
+                                  {"format": "a_future_format"}])
+def test_unreadable_quant_formats_are_refused_by_name(tmp_path, conf):
+    from krea2_model.errors import QuantFormatError
+
+    path, _ = _quantized_file(tmp_path, "int8_tensorwise", conf_extra=conf)
+    with pytest.raises(QuantFormatError) as e:
+        load_transformer(path)
+    msg = str(e.value)
+    assert path in msg and "blocks.0." in msg
+    assert ("ConvRot" if conf.get("params") else f"'{conf['format']}'") in msg
+
+
+def test_transformer_and_text_readers_share_one_dequantizer():
+    """One helper for both checkpoint readers (they disagreed: the text side refused what the transformer side
+    loaded raw)."""
+    import krea2_model.formats.quant as Q
+    import krea2_model.formats.text_file as TF
+    import krea2_model.formats.transformer_file as MF
+
+    assert MF.dequantize is Q.dequantize and TF.dequantize is Q.dequantize
 
 
 # -- bad input -------------------------------------------------------------------------------------------
