@@ -59,7 +59,9 @@ grep -viE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=~!;].*)?$
 #    move torch). Skipped when the venv already imports all three: its torch is never replaced.
 if "$VENV/bin/python" -c "import torch, torchvision, torchaudio" >/dev/null 2>&1; then
     echo "keeping the venv's torch: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
-    "$VENV/bin/python" -c 'import torch, torchvision, torchaudio; print(f"torch=={torch.__version__}"); print(f"torchvision=={torchvision.__version__}"); print(f"torchaudio=={torchaudio.__version__}")' > "$CONS"
+    # held at their public versions (a local tag such as +cu130 is not on the index; == ignores it)
+    "$VENV/bin/python" -c 'import torch, torchvision, torchaudio
+for m in (torch, torchvision, torchaudio): print(m.__name__ + "==" + m.__version__.split("+")[0])' > "$CONS"
 else
     "${PIP[@]}" install "$TORCH_PIN" "$TORCHVISION_PIN"
     "${PIP[@]}" install --no-deps "$TORCHAUDIO_PIN"
