@@ -58,14 +58,15 @@ class Krea2LoraLoader(io.ComfyNode):
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None:
             raise Krea2Error(f"Krea2LoraLoader: '{lora_name}' is not in models/loras.")
-        if strength == 0:
-            return io.NodeOutput(model)
         try:
             m, report = host_lora.apply_lora(model, path, strength, strength_text_fusion, parse_blocks(blocks))
         except LoraError as e:
             raise Krea2Error(f"Krea2LoraLoader: {e}") from None
-        log.info("Krea 2 LoRA %s: %d weights patched%s", lora_name, report["applied"],
-                 f", {report['filtered']} left out by the block filter" if report["filtered"] else "")
+        if strength == 0:
+            log.info("Krea 2 LoRA %s: strength 0, checked and not applied", lora_name)
+        else:
+            log.info("Krea 2 LoRA %s: %d weights patched%s", lora_name, report["applied"],
+                     f", {report['filtered']} left out by the block filter" if report["filtered"] else "")
         if report["unmapped"]:
             log.warning("Krea 2 LoRA %s: %d keys could not be mapped to Krea 2 weights and were NOT applied: %s",
                         lora_name, len(report["unmapped"]), first_names(report["unmapped"], 8))

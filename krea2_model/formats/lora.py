@@ -43,15 +43,18 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from .transformer_file import canonical_to_diffusers, expected_shapes
 from ..errors import LoraError, first_names
-from .safetensors_io import open_source
 from ..model.transformer import Krea2Config
+from .safetensors_io import open_source
+from .transformer_file import canonical_to_diffusers, expected_shapes
+
+log = logging.getLogger("krea2")
 
 KINDS = ("lora", "lokr", "loha", "diff")
 
@@ -368,37 +371,53 @@ def _num(v):
         return None
 
 
-def _metadata_defaults(meta: dict) -> tuple[float | None, float, dict]:
-    """(file-wide alpha or None, scale, {module-name suffix: alpha}) from safetensors metadata."""
+def _meta_number(meta: dict, keys, where: str):
+    """The first of ``keys`` present in ``meta`` as a float; a present value that is not a number is warned
+    about by name (it would otherwise turn into "no alpha" and the strength would be off by alpha / rank)."""
+    for k in keys:
+        if k in meta:
+            v = _num(meta[k])
+            if v is None:
+                log.warning("Krea 2: %s: LoRA metadata '%s' = %r is not a number; ignored (the LoRA is applied as "
+                            "if the file gave no %s).", where, k, meta[k], k)
+                continue
+            return v
+    return None
+
+
+def _adapter_config(raw, where: str) -> dict:
+    """diffusers' ``lora_adapter_metadata`` JSON as a dict; malformed JSON is warned about by name."""
+    try:
+        cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except (ValueError, TypeError) as e:
+        log.warning("Krea 2: %s: LoRA metadata 'lora_adapter_metadata' is not valid JSON (%s); its rank and alpha "
+                    "are ignored, so the strength may be off by alpha / rank. Re-save the LoRA.", where, e)
+        return {}
+    if not isinstance(cfg, dict):
+        log.warning("Krea 2: %s: LoRA metadata 'lora_adapter_metadata' holds %s, not a JSON object; ignored.",
+                    where, type(cfg).__name__)
+        return {}
+    return cfg
+
+
+def _metadata_defaults(meta: dict, where: str = "LoRA") -> tuple[float | None, float, dict]:
+    """(file-wide alpha or None, scale, {module-name suffix: alpha}) from safetensors metadata. Alpha absent
+    means alpha = rank of each module, so a file-wide rank alone changes nothing and is not read."""
     meta = meta or {}
-    alpha = scale = None
-    rank = None
-    for k in ("lora_alpha", "alpha", "network_alpha", "ss_network_alpha"):
-        if k in meta and _num(meta[k]) is not None:
-            alpha = _num(meta[k])
-            break
-    for k in ("lora_rank", "rank", "network_dim", "ss_network_dim"):
-        if k in meta and _num(meta[k]) is not None:
-            rank = _num(meta[k])
-            break
-    if "scale" in meta and _num(meta["scale"]) is not None:
-        scale = _num(meta["scale"])
+    alpha = _meta_number(meta, ("lora_alpha", "alpha", "network_alpha", "ss_network_alpha"), where)
+    scale = _meta_number(meta, ("scale",), where)
     pattern = {}
     raw = meta.get("lora_adapter_metadata")
-    if raw:
-        try:
-            cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        except (ValueError, TypeError):
-            cfg = {}
-        for k, v in cfg.items():
-            base = k.rsplit(".", 1)[-1]
-            if base == "lora_alpha" and alpha is None and _num(v) is not None:
-                alpha = _num(v)
-            elif base == "r" and rank is None and _num(v) is not None:
-                rank = _num(v)
-            elif base == "alpha_pattern" and isinstance(v, dict):
-                pattern.update({pk: float(pv) for pk, pv in v.items() if _num(pv) is not None})
-    del rank  # alpha absent = rank of each module, so a file-wide rank changes nothing on its own
+    cfg = _adapter_config(raw, where) if raw else {}
+    for k, v in cfg.items():
+        base = k.rsplit(".", 1)[-1]
+        if base == "lora_alpha" and alpha is None:
+            alpha = _meta_number({f"lora_adapter_metadata.{k}": v}, (f"lora_adapter_metadata.{k}",), where)
+        elif base == "alpha_pattern" and isinstance(v, dict):
+            for pk, pv in v.items():
+                got = _meta_number({f"alpha_pattern.{pk}": pv}, (f"alpha_pattern.{pk}",), where)
+                if got is not None:
+                    pattern[pk] = got
     return alpha, (1.0 if scale is None else scale), pattern
 
 
@@ -425,115 +444,142 @@ def parse_lora(source, cfg: Krea2Config, *, metadata: dict | None = None) -> tup
     where = src.where
     meta = dict(src.metadata) if metadata is None else dict(metadata)
     names = names_for(cfg)
-    file_alpha, file_scale, alpha_pattern = _metadata_defaults(meta)
+    groups, plain = _group_keys(src.keys())
+    if not groups:
+        _refuse_full_checkpoint(plain, names, where)
+    ctx = _Parse(src, names, cfg, where, *_metadata_defaults(meta, where))
+    for k in plain:
+        target = _first_param(k, names)
+        if target is None:
+            ctx.unmapped.append(k)
+        else:
+            ctx.patches.append(LoraPatch(target, "diff", {"diff": _diff_tensor(src[k], target, names)}, sources=(k,)))
+    for x, parts in groups.items():
+        ctx.module(x, parts)
+    _check_foreign(ctx.patches, ctx.unmapped, where, src)
+    _check_duplicates(ctx.patches, where)
+    for p in ctx.patches:
+        _check_shape(p, names, where)
+    return ctx.patches, ctx.unmapped
 
+
+def _group_keys(keys) -> tuple[dict, list]:
+    """``({module name: {role: key}}, plain keys)``: keys ending in a factor / alpha / delta suffix grouped by
+    the module they belong to; the rest (whole parameters) listed apart."""
     groups: dict[str, dict[str, str]] = {}
     plain: list[str] = []
-    for k in src.keys():
+    for k in keys:
         for suf, role in _ROLE_SUFFIXES:
             if k.endswith(suf) and len(k) > len(suf):
                 groups.setdefault(k[: -len(suf)], {})[role] = k
                 break
         else:
             plain.append(k)
+    return groups, plain
 
-    if not groups:
-        covered = {resolve for k in plain for resolve in [_first_param(k, names)] if resolve is not None}
-        if len(covered) > len(names.shapes) // 2:
-            raise LoraError(f"{where}: this is a full Krea 2 checkpoint ({len(covered)} of the model's "
-                            f"{len(names.shapes)} tensors, no LoRA factors), not a LoRA. Load it with "
-                            "Krea2ModelLoader; merging it as a LoRA would add every weight to itself.")
 
-    patches: list[LoraPatch] = []
-    unmapped: list[str] = []
+def _refuse_full_checkpoint(plain, names, where):
+    covered = {t for k in plain for t in [_first_param(k, names)] if t is not None}
+    if len(covered) > len(names.shapes) // 2:
+        raise LoraError(f"{where}: this is a full Krea 2 checkpoint ({len(covered)} of the model's "
+                        f"{len(names.shapes)} tensors, no LoRA factors), not a LoRA. Load it with "
+                        "Krea2ModelLoader; merging it as a LoRA would add every weight to itself.")
 
-    def resolve_param(name):
-        return _first_param(name, names)
 
-    def resolve_module(name):
+@dataclass
+class _Parse:
+    """One parse in progress: the file, the model's names, the file-wide defaults, and what came out."""
+    src: object
+    names: "_Names"
+    cfg: Krea2Config
+    where: str
+    file_alpha: float | None
+    file_scale: float
+    alpha_pattern: dict
+    patches: list = field(default_factory=list)
+    unmapped: list = field(default_factory=list)
+
+    def resolve_module(self, name):
         for c in _candidates(name):
-            if c in names.modules:
-                return "module", names.modules[c]
-            if c in names.fused:
-                return "fused", names.fused[c]
+            if c in self.names.modules:
+                return "module", self.names.modules[c]
+            if c in self.names.fused:
+                return "fused", self.names.fused[c]
         return None
 
-    for k in plain:
-        target = resolve_param(k)
-        if target is None:
-            unmapped.append(k)
-        else:
-            patches.append(LoraPatch(target, "diff", {"diff": _diff_tensor(src[k], target, names, k, where)},
-                                     sources=(k,)))
-
-    for x, parts in groups.items():
-        res = resolve_module(x)
-        param_target = resolve_param(x) if res is None else None
+    def module(self, x: str, parts: dict) -> None:
+        """Every patch the keys of module ``x`` (``{role: key}``) make; keys no patch uses go to ``unmapped``."""
+        res = self.resolve_module(x)
+        param_target = _first_param(x, self.names) if res is None else None
         if res is None and param_target is None:
-            unmapped.extend(parts.values())
-            continue
+            self.unmapped.extend(parts.values())
+            return
+        used = self.full_deltas(parts, res, param_target) | self.bias_deltas(parts, res)
+        lowrank = {r for r in parts if r in _LOWRANK_ROLES}
+        if lowrank:
+            used |= lowrank
+            if res is None:
+                # low-rank factors on a non-module name (e.g. 'blocks.0.prenorm.scale.lora_A'): nothing to patch
+                self.unmapped.extend(parts[r] for r in lowrank)
+            else:
+                used |= self.low_rank(x, parts, lowrank, res)
+        self.unmapped.extend(v for r, v in parts.items() if r not in used)
+
+    def full_deltas(self, parts, res, param_target) -> set:
         used = set()
-        # full-size deltas
         for role in ("diff", "w_norm"):
-            if role in parts:
-                tgt = param_target or (names.main.get(res[1]) if res[0] == "module" else None)
-                if res is not None and res[0] == "fused":
-                    patches.extend(_split_fused_diff(src[parts[role]], res[1], names, parts[role], where, cfg))
-                    used.add(role)
-                    continue
-                if tgt is None:
-                    continue
-                patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(src[parts[role]], tgt, names,
-                                                                             parts[role], where)},
-                                         sources=(parts[role],)))
+            if role not in parts:
+                continue
+            if res is not None and res[0] == "fused":
+                self.patches.extend(_split_fused_diff(self.src[parts[role]], res[1], parts[role], self.where, self.cfg))
                 used.add(role)
+                continue
+            tgt = param_target or (self.names.main.get(res[1]) if res[0] == "module" else None)
+            if tgt is None:
+                continue
+            self.patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(self.src[parts[role]], tgt, self.names)},
+                                          sources=(parts[role],)))
+            used.add(role)
+        return used
+
+    def bias_deltas(self, parts, res) -> set:
+        used = set()
         for role in ("diff_b", "b_norm"):
             if role in parts and res is not None and res[0] == "module":
                 tgt = res[1] + ".bias"
-                if tgt not in names.shapes:
-                    raise LoraError(f"{where}: LoRA key '{parts[role]}' is a bias delta for '{res[1]}', which has no "
-                                    "bias in Krea 2. The LoRA was made for another model.")
-                patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(src[parts[role]], tgt, names,
-                                                                             parts[role], where)},
-                                         sources=(parts[role],)))
+                if tgt not in self.names.shapes:
+                    raise LoraError(f"{self.where}: LoRA key '{parts[role]}' is a bias delta for '{res[1]}', which "
+                                    "has no bias in Krea 2. The LoRA was made for another model.")
+                self.patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(self.src[parts[role]], tgt,
+                                                                                  self.names)},
+                                              sources=(parts[role],)))
                 used.add(role)
-        lowrank = {r for r in parts if r in _LOWRANK_ROLES}
-        if lowrank:
-            if res is None:
-                # low-rank factors on a non-module name (e.g. 'blocks.0.prenorm.scale.lora_A'): nothing to patch
-                unmapped.extend(parts[r] for r in lowrank)
-                used |= lowrank
-            else:
-                alpha = None
-                if "alpha" in parts:
-                    alpha = float(src[parts["alpha"]].float().item())
-                    used.add("alpha")
-                dora = None
-                if "dora" in parts:
-                    dora = src[parts["dora"]]
-                    used.add("dora")
-                p = _lowrank_patch(x, parts, lowrank, src, alpha, file_scale, dora, where)
-                if p.kind == "lora" and alpha is None:
-                    # file-wide alphas (metadata) are a LoRA convention; LyCORIS writes one per module
-                    bare = _bare(x)
-                    p.alpha = next((v for pk, v in alpha_pattern.items() if bare.endswith(pk)), file_alpha)
-                used |= lowrank
-                if res[0] == "fused":
-                    patches.extend(_split_fused(p, res[1], cfg, where, x))
-                else:
-                    tgt = names.main.get(res[1])
-                    if tgt is None or not tgt.endswith(".weight"):
-                        raise LoraError(f"{where}: LoRA '{x}' targets '{res[1]}', which has no weight matrix in "
-                                        "Krea 2 (low-rank factors only apply to Linear weights).")
-                    p.key = tgt
-                    patches.append(p)
-        unmapped.extend(v for r, v in parts.items() if r not in used)
+        return used
 
-    _check_foreign(patches, unmapped, where, src)
-    _check_duplicates(patches, where)
-    for p in patches:
-        _check_shape(p, names, where)
-    return patches, unmapped
+    def low_rank(self, x, parts, lowrank, res) -> set:
+        used = set()
+        alpha = dora = None
+        if "alpha" in parts:
+            alpha = float(self.src[parts["alpha"]].float().item())
+            used.add("alpha")
+        if "dora" in parts:
+            dora = self.src[parts["dora"]]
+            used.add("dora")
+        p = _lowrank_patch(x, parts, lowrank, self.src, alpha, self.file_scale, dora, self.where)
+        if p.kind == "lora" and alpha is None:
+            # file-wide alphas (metadata) are a LoRA convention; LyCORIS writes one per module
+            bare = _bare(x)
+            p.alpha = next((v for pk, v in self.alpha_pattern.items() if bare.endswith(pk)), self.file_alpha)
+        if res[0] == "fused":
+            self.patches.extend(_split_fused(p, res[1], self.cfg, self.where, x))
+            return used
+        tgt = self.names.main.get(res[1])
+        if tgt is None or not tgt.endswith(".weight"):
+            raise LoraError(f"{self.where}: LoRA '{x}' targets '{res[1]}', which has no weight matrix in "
+                            "Krea 2 (low-rank factors only apply to Linear weights).")
+        p.key = tgt
+        self.patches.append(p)
+        return used
 
 
 def _first_param(name: str, names: _Names):
@@ -620,7 +666,7 @@ def _split_fused(p: LoraPatch, prefix: str, cfg: Krea2Config, where: str, x: str
     return out
 
 
-def _split_fused_diff(t, prefix, names, key, where, cfg) -> list[LoraPatch]:
+def _split_fused_diff(t, prefix, key, where, cfg) -> list[LoraPatch]:
     q, kv = _qkv_rows(cfg, prefix)
     if t.ndim != 2 or t.shape[0] != q + 2 * kv:
         raise LoraError(f"{where}: fused qkv delta '{key}' has shape {list(t.shape)}, expected "
@@ -629,7 +675,7 @@ def _split_fused_diff(t, prefix, names, key, where, cfg) -> list[LoraPatch]:
             for n, part in zip(("wq", "wk", "wv"), t.split((q, kv, kv), dim=0))]
 
 
-def _diff_tensor(t: torch.Tensor, target: str, names: _Names, key: str, where: str) -> torch.Tensor:
+def _diff_tensor(t: torch.Tensor, target: str, names: _Names) -> torch.Tensor:
     want = names.shapes[target]
     if tuple(t.shape) != want and target.endswith(".lin") and t.numel() == math.prod(want):
         return t.reshape(want)  # (6, F) scale_shift_table <-> flat (6F,) mod.lin; (2, F) either way

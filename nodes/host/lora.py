@@ -53,7 +53,14 @@ def apply_lora(model, path: str, strength: float, strength_text: float = 1.0, bl
     """A patched clone of ``model`` and a report ``{"applied", "filtered", "unmapped"}``. Text fusion and
     text projection weights get ``strength * strength_text``; ``blocks`` limits the transformer blocks."""
     cfg = model_config_of(model)
-    patches, unmapped = parse_lora(path, cfg)
+    if blocks is not None and (min(blocks) < 0 or max(blocks) >= cfg.layers):
+        outside = sorted(b for b in blocks if not 0 <= b < cfg.layers)
+        raise Krea2Error(f"Krea2LoraLoader: blocks {', '.join(map(str, outside[:8]))} are outside this model's "
+                         f"blocks 0-{cfg.layers - 1} ({cfg.layers} blocks); the filter would match nothing there. "
+                         "Give indices in that range.")
+    patches, unmapped = parse_lora(path, cfg)  # read and checked even at strength 0: a wrong file is an error
+    if strength == 0:
+        return model, {"applied": 0, "filtered": 0, "unmapped": list(unmapped)}
     kept, filtered = [], 0
     for p in patches:
         m = _BLOCK.match(p.key)

@@ -5,7 +5,7 @@ import torch
 
 from krea2_model import LoraError, Krea2FileError, load_transformer
 from krea2_model.formats import lora as L
-from krea2_model.formats.transformer_file import diffusers_to_canonical
+from krea2_model.formats.transformer_file import canonical_to_diffusers, diffusers_to_canonical
 from krea2_model.tiny.transformer import CONFIGS, random_state_dict
 from krea2_model.tiny.lora import STYLES, TinyLora, lora_targets, make_lora
 
@@ -105,6 +105,30 @@ def test_diffusers_adapter_metadata_alpha_and_alpha_pattern():
     for p, q in zip(ours, plain):
         f = 0.5 if p.key == "blocks.0.attn.wk.weight" else 2.0
         assert torch.allclose(L.delta(p), f * L.delta(q)), p.key
+
+
+@pytest.mark.parametrize("meta,key", [
+    ({"lora_adapter_metadata": "{not json"}, "lora_adapter_metadata"),
+    ({"lora_adapter_metadata": "[4, 8]"}, "lora_adapter_metadata"),
+    ({"lora_alpha": "eight"}, "lora_alpha"),
+    ({"ss_network_alpha": "None?"}, "ss_network_alpha"),
+    ({"lora_adapter_metadata": '{"transformer.lora_alpha": "x"}'}, "transformer.lora_alpha"),
+])
+def test_malformed_metadata_is_warned_by_name(meta, key, caplog):
+    """Malformed metadata used to become "no metadata" without a word (strength off by alpha / rank)."""
+    tl = make_lora(CFG, "diffusers", seed=1)
+    with caplog.at_level("WARNING", logger="krea2"):
+        got, _ = L.parse_lora(tl.state_dict, CFG, metadata=meta)
+    assert key in caplog.text and "LoRA metadata" in caplog.text
+    plain, _ = L.parse_lora(tl.state_dict, CFG, metadata={})
+    assert all(torch.equal(L.delta(p), L.delta(q)) for p, q in zip(got, plain))  # applied as without it
+
+
+def test_wellformed_metadata_gives_no_warning(caplog):
+    tl = make_lora(CFG, "krea", seed=1)
+    with caplog.at_level("WARNING", logger="krea2"):
+        L.parse_lora(tl.state_dict, CFG, metadata=tl.metadata)
+    assert "LoRA metadata" not in caplog.text
 
 
 @pytest.mark.parametrize("down,up,target", [
@@ -262,10 +286,8 @@ def test_bf16_weights_keep_their_dtype():
 # -- diffusers' converter as the reference name map -------------------------------------------------------
 
 def _diffusers_converter():
-    try:
-        from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_krea2_lora_to_diffusers
-    except ImportError:
-        pytest.skip("this diffusers has no Krea 2 LoRA converter")
+    # diffusers is pinned (0.42.1) for the tests: a missing converter is a failure, never a skip
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_krea2_lora_to_diffusers
     return _convert_non_diffusers_krea2_lora_to_diffusers
 
 
@@ -308,13 +330,21 @@ def test_converter_names_are_weights_of_diffusers_model():
         assert torch.equal(ours[k], merged[k]), k
 
 
-def test_every_target_module_has_a_diffusers_converter_name():
+def test_every_target_module_has_the_diffusers_converter_name_our_map_gives():
+    """Every module our LoRA parser targets is converted by diffusers, to the diffusers name our own
+    canonical -> diffusers map gives it (not only the same number of keys)."""
     convert = _diffusers_converter()
     sd = {}
-    for mod in lora_targets(CFG):
-        sd[f"diffusion_model.{mod}.lora_A.weight"] = torch.zeros(1)
-        sd[f"diffusion_model.{mod}.lora_B.weight"] = torch.zeros(1)
-    assert len(convert(sd)) == len(sd)
+    for i, mod in enumerate(lora_targets(CFG)):
+        sd[f"diffusion_model.{mod}.lora_A.weight"] = torch.full((1,), float(i))
+        sd[f"diffusion_model.{mod}.lora_B.weight"] = torch.full((1,), float(i))
+    out = convert(sd)
+    assert len(out) == len(sd)
+    for i, mod in enumerate(lora_targets(CFG)):
+        want = "transformer." + canonical_to_diffusers(mod + ".weight").removesuffix(".weight")
+        for ab in ("lora_A", "lora_B"):
+            assert f"{want}.{ab}.weight" in out, (mod, want)
+            assert out[f"{want}.{ab}.weight"].item() == float(i), mod  # the tensor that came with that module
 
 
 # -- host patches ----------------------------------------------------------------------------------------
@@ -361,17 +391,38 @@ def test_comfy_patches_dora_needs_base_weights(base):
         assert torch.allclose(base[k] + 0.3 * v[1][0], ref[k], atol=1e-6)
 
 
-def test_comfy_patches_build_adapters_when_given():
-    made = []
+def test_comfy_patches_build_adapters_with_the_documented_tuple_order():
+    """Adapters get ComfyUI's positional tuples: lora (up, down, alpha, mid, dora, reshape), lokr (w1, w2, alpha,
+    w1_a, w1_b, w2_a, w2_b, t2, dora), loha (w1_a, w1_b, alpha, w2_a, w2_b, t1, t2, dora); each position holds
+    the patch's own tensor. (That ComfyUI's real adapters read them so is checked in the host tier by
+    scripts/check_lora_comfy_adapters.py.)"""
+    made = {}
 
     class Fake:
         def __init__(self, keys, weights):
-            made.append(weights)
+            self.weights = weights
 
-    patches, _ = parse(make_lora(CFG, "comfy", seed=1))
-    cp = L.to_comfy_patches(patches, adapters={"lora": Fake, "lokr": Fake, "loha": Fake})
-    assert all(isinstance(v, Fake) for v in cp.values()) and len(made) == len(patches)
-    assert all(len(w) == 6 for w in made)
+    for style, kind in (("comfy", "lora"), ("lokr", "lokr"), ("loha", "loha")):
+        patches, _ = parse(make_lora(CFG, style, seed=1))
+        cp = L.to_comfy_patches(patches, adapters={"lora": Fake, "lokr": Fake, "loha": Fake})
+        lowrank = [p for p in patches if p.kind == kind]
+        assert lowrank, style
+        for p in lowrank:
+            w, t = cp["diffusion_model." + p.key].weights, p.tensors
+            s = p.scale
+            if kind == "lora":
+                assert len(w) == 6 and w[3] is None and w[5] is None
+                assert torch.equal(w[0], t["up"] * s if s != 1.0 else t["up"]) and torch.equal(w[1], t["down"])
+                assert w[2] == p.alpha and w[4] is p.dora_scale
+            elif kind == "lokr":
+                assert len(w) == 9 and w[7] is None and w[2] == p.alpha and w[8] is p.dora_scale
+                for i, n in ((1, "w2"), (4, "w1_b"), (5, "w2_a"), (6, "w2_b")):
+                    assert (w[i] is None) == (n not in t) and (w[i] is None or torch.equal(w[i], t[n])), n
+            else:
+                assert len(w) == 8 and w[5] is None and w[6] is None and w[2] == p.alpha and w[7] is p.dora_scale
+                assert torch.equal(w[1], t["w1_b"]) and torch.equal(w[3], t["w2_a"]) and torch.equal(w[4], t["w2_b"])
+            made[kind] = True
+    assert set(made) == {"lora", "lokr", "loha"}
 
 
 # -- nothing silently dropped -------------------------------------------------------------------------------
