@@ -3,7 +3,9 @@
     python reference_loop.py SPEC.json OUT.safetensors
 
 SPEC: transformer, text_encoder, tokenizer (folder), prompt, negative (null = zeroed negative),
-seed, steps, cfg, variant, width, height, loras ([[path, strength], ...], merged by hand). Noise is drawn the way ComfyUI draws it for a seed
+seed, steps, cfg, variant, width, height, loras ([[path, strength], ...], merged by hand), weight_dtype
+(optional, e.g. "float8_e4m3fn": Linear weights stored in that dtype and cast per call, as ComfyUI's
+``weight_dtype`` does; the loop still computes in float32). Noise is drawn the way ComfyUI draws it for a seed
 (``torch.manual_seed(seed)`` then one ``randn`` of the 5-D Wan latent shape); the result is mapped
 out of the Wan 2.1 latent space with the host's latent format, as KSampler returns it.
 """
@@ -30,7 +32,11 @@ def main(spec_path, out_path):
         source = {k: ck.load(k).float() for k in ck.keys()}
         for path, strength in s["loras"]:
             source = merge_into(source, parse_lora(path, ck.config)[0], strength)
-    model = load_transformer(source, dtype=torch.float32)
+    if s.get("weight_dtype"):
+        from krea2_model.model.ops import CastOps
+        model = load_transformer(source, dtype=getattr(torch, s["weight_dtype"]), operations=CastOps)
+    else:
+        model = load_transformer(source, dtype=torch.float32)
     te = load_text_encoder(s["text_encoder"], tokenizer=s.get("tokenizer"), dtype=torch.float32)
     cond = te.encode(s["prompt"]).float()
     uncond = te.encode(s["negative"]).float() if s.get("negative") is not None else torch.zeros_like(cond)
@@ -41,9 +47,9 @@ def main(spec_path, out_path):
     with torch.no_grad():
         for i in range(s["steps"]):
             t = sig[i:i + 1]
-            v = model(x, t, cond)
+            v = model(x, t, cond).float()
             if s["cfg"] != 1.0:
-                vu = model(x, t, uncond)
+                vu = model(x, t, uncond).float()
                 v = vu + s["cfg"] * (v - vu)
             x = x + (sig[i + 1] - sig[i]) * v
     if s.get("comfy_root"):

@@ -24,10 +24,8 @@ from krea2_model.formats.text_file import TextCheckpoint, load_text_model
 from krea2_model.tiny.text import (CONFIGS, LAYOUTS, build_tokenizer, file_name, hf_text_config, random_state_dict,
                                    to_layout, write, write_all)
 
-transformers = pytest.importorskip("transformers")
+# transformers and diffusers are pinned test dependencies: imported, so a missing one fails the run
 from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLModel, Qwen3VLTextConfig, Qwen3VLTextModel  # noqa: E402
-
-diffusers = pytest.importorskip("diffusers")
 from diffusers.pipelines.krea2.pipeline_krea2 import Krea2Pipeline  # noqa: E402
 
 
@@ -345,8 +343,14 @@ def test_max_tokens_and_prompt_ids(tok_dir):
         build_prompt_ids(tok, "a", max_tokens=4)
 
 
-def test_default_taps_are_krea2s():
-    assert DEFAULT_TAPS == tuple(range(2, 36, 3)) and len(DEFAULT_TAPS) == 12
+def test_default_taps_are_the_reference_pipelines():
+    """Our default taps are the layers diffusers' Krea2Pipeline selects when given none (read from a pipeline
+    object, not restated here), and the ones our CLIP and nodes use by default."""
+    ref = Krea2Pipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    assert DEFAULT_TAPS == ref.text_encoder_select_layers
+    import inspect
+    from krea2_model.text.encoder import Krea2TextEncoder
+    assert inspect.signature(Krea2TextEncoder.encode).parameters["taps"].default == ref.text_encoder_select_layers
 
 
 # ----------------------------------------------------------------------------------------------- layouts
@@ -456,10 +460,8 @@ def test_refuses_qwen35(tmp_path):
 
 
 def test_refuses_vision_only(tmp_path):
-    sd = {"model.visual." + k: v for k, v in
-          to_layout(random_state_dict(CONFIGS["tiny"]), "bare").items() if False}
-    sd.update({"model.visual.patch_embed.proj.weight": small(4, 3, 2, 4, 4),
-               "model.visual.deepstack_merger_list.0.norm.weight": small(8)})
+    sd = {"model.visual.patch_embed.proj.weight": small(4, 3, 2, 4, 4),
+          "model.visual.deepstack_merger_list.0.norm.weight": small(8)}
     p = save(tmp_path, "vision.safetensors", sd)
     with pytest.raises(WrongTextEncoderError, match="vision tower only"):
         load_text_encoder(p)
