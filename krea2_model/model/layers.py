@@ -128,16 +128,28 @@ class Attention(nn.Module):
         self.qknorm = QKNorm(head_dim, eps, dtype=dtype, device=device)
         self.wo = ops.Linear(heads * head_dim, dim, bias=False, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, rope=None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, mask=None, hooks=None) -> torch.Tensor:
+        """``x (B, L, dim)`` -> ``(B, L, dim)``. ``hooks`` (or None): an object with ``qkv`` and ``out``
+        lists and methods ``on_qkv(q, k, v, rope, mask) -> (q, k, v, rope, mask)`` (q ``(B, H, L, D)``,
+        k, v ``(B, Hkv, L, D)``, after the q/k norms, before RoPE and without repeating K/V heads) and
+        ``on_out(out) -> out`` (``(B, L, H*D)``, before the output gate); the transformer's
+        ``AttentionHooks`` runs the host's attention patches through them."""
         b, l, _ = x.shape
         q = self.qknorm.qnorm(self.wq(x).view(b, l, self.heads, self.head_dim))
         k = self.qknorm.knorm(self.wk(x).view(b, l, self.kv_heads, self.head_dim))
         v = self.wv(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2).contiguous()
+        if hooks is not None and hooks.qkv:
+            # patches see heads-major views; an unchanged q/k comes back as the same view of the same
+            # token-major tensor, so RoPE below runs on exactly what it would have run on
+            q, k, v, rope, mask = hooks.on_qkv(q.transpose(1, 2), k.transpose(1, 2), v, rope, mask)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
             q, k = rope_to_heads(q, rope), rope_to_heads(k, rope)
         else:
             q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
         out = attention(q, k, v, mask)
+        if hooks is not None and hooks.out:
+            out = hooks.on_out(out)
         g = self.gate(x)
         if torch.is_grad_enabled():
             return self.wo(out * torch.sigmoid(g))

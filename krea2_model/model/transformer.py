@@ -4,7 +4,8 @@ Module attribute names equal the keys of Krea's original checkpoint (``first``, 
 ``blocks.N.attn.wq``, ``blocks.N.mod.lin``, ``txtfusion.*``, ``txtmlp.*``, ``last.*``), so a state
 dict in that layout loads with ``load_state_dict`` and hosts' LoRA loaders find the weights by name.
 
-Calling convention (ComfyUI's): ``model(x, sigma, context, attention_mask=None, transformer_options=None)``
+Calling convention (native ComfyUI Krea 2's order): ``model(x, sigma, context, attention_mask=None,
+ref_latents=None, transformer_options=None, ref_latents_method=None)``
 
 * ``x``: latent ``(B, C, H, W)`` or ``(B, C, 1, H, W)`` (Wan21 latents are 5-D). Sides that are not
   a multiple of the patch size are padded (circularly, as ComfyUI's DiTs do) and cropped back.
@@ -12,11 +13,18 @@ Calling convention (ComfyUI's): ``model(x, sigma, context, attention_mask=None, 
 * ``context``: ``(B, seq, taps * text_dim)``, layer-major per token (token t holds tap 0's
   ``text_dim`` values, then tap 1's, ...), holding only real tokens; or with ``attention_mask``
   ``(B, seq)`` bool marking the real ones when a batch mixes prompt lengths.
+* ``ref_latents``: optional list of reference latents, each ``(b, C, H, W)`` or ``(b, C, T, H, W)`` of any
+  size, with ``ref_latents_method`` one of :data:`REF_METHODS`. The sequence is ``[text | target |
+  ref_1 .. ref_N]``; reference i sits at RoPE positions ``(i, row, col)`` on its own grid;
+  "index_timestep_zero" modulates reference tokens with t = 0 in every block. Only the target is returned.
+* ``transformer_options``: ComfyUI's dict; the host hooks it may carry are read in one place, the top of
+  :meth:`Krea2Transformer._forward` (attention patches: :class:`AttentionHooks`).
 * returns the velocity (``noise - x0``) in ``x``'s shape and dtype.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, asdict
 
@@ -27,6 +35,8 @@ import torch.nn.functional as F
 from ..errors import ConditioningError
 from .layers import Attention, RMSNorm, SwiGLU, cast_param, ops_or_default
 from .text_cache import TextCache, stage_weights
+
+log = logging.getLogger("krea2")
 
 
 @dataclass(frozen=True)
@@ -131,19 +141,52 @@ class Block(nn.Module):
                               dtype=dtype, device=device, operations=operations)
         self.mlp = SwiGLU(cfg.hidden, cfg.mlp_hidden, dtype=dtype, device=device, operations=operations)
 
-    def forward(self, x, vec, rope, mask=None):
+    def forward(self, x, vec, rope, mask=None, hooks=None, vec_ref=None, ref_start=None, inplace=True):
+        """``x (B, L, hidden)`` -> the same shape. ``vec (B, 1, 6*hidden)`` modulates every token, or with
+        ``vec_ref`` (the same for t = 0) only tokens before ``ref_start``, the reference tokens taking
+        ``vec_ref``. ``hooks``: the host's attention patches (:class:`AttentionHooks`) or None.
+        ``inplace=False`` leaves ``x`` untouched (a block replacement may still read its input)."""
         m = vec + cast_param(self.mod.lin, vec)
+        if vec_ref is not None:
+            m_ref = vec_ref + cast_param(self.mod.lin, vec_ref)
+            return self._forward_split(x, m.chunk(6, dim=-1), m_ref.chunk(6, dim=-1), ref_start, rope, mask, hooks,
+                                       inplace)
         prescale, preshift, pregate, postscale, postshift, postgate = m.chunk(6, dim=-1)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            x = x + pregate * self.attn(torch.addcmul(preshift, self.prenorm(x), 1 + prescale), rope, mask)
+        if not inplace or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            x = x + pregate * self.attn(torch.addcmul(preshift, self.prenorm(x), 1 + prescale), rope, mask, hooks)
             return x + postgate * self.mlp(torch.addcmul(postshift, self.postnorm(x), 1 + postscale))
         # Eager inference: the same arithmetic without fresh (L, hidden) buffers. The modulation is
         # written over the norm's output and the residual stream is updated in place (the caller's
         # `x` is the transformer's own running sequence).
         h = self.prenorm(x)
-        x.addcmul_(pregate, self.attn(torch.addcmul(preshift, h, 1 + prescale, out=h), rope, mask))
+        x.addcmul_(pregate, self.attn(torch.addcmul(preshift, h, 1 + prescale, out=h), rope, mask, hooks))
         h = self.postnorm(x)
         return x.addcmul_(postgate, self.mlp(torch.addcmul(postshift, h, 1 + postscale, out=h)))
+
+    def _forward_split(self, x, m, m_ref, start, rope, mask, hooks, inplace):
+        """The block with two modulations along the sequence: ``m`` for tokens ``[:start]`` (text and
+        target), ``m_ref`` for ``[start:]`` (reference tokens at t = 0). Each is the six terms
+        prescale, preshift, pregate, postscale, postshift, postgate, each ``(B, 1, hidden)``."""
+        parts = ((slice(None, start), m), (slice(start, None), m_ref))
+        fresh = not inplace or torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+        def modulate(h, scale, shift):
+            if fresh:
+                return torch.cat([torch.addcmul(t[shift], h[:, sl], 1 + t[scale]) for sl, t in parts], dim=1)
+            for sl, t in parts:  # over the norm's own output, segment by segment
+                seg = h[:, sl]
+                torch.addcmul(t[shift], seg, 1 + t[scale], out=seg)
+            return h
+
+        def gated_add(x, gate, y):
+            if fresh:
+                return x + torch.cat([t[gate] * y[:, sl] for sl, t in parts], dim=1)
+            for sl, t in parts:
+                x[:, sl].addcmul_(t[gate], y[:, sl])
+            return x
+
+        x = gated_add(x, 2, self.attn(modulate(self.prenorm(x), 0, 1), rope, mask, hooks))
+        return gated_add(x, 5, self.mlp(modulate(self.postnorm(x), 3, 4)))
 
 
 class LastLayer(nn.Module):
@@ -168,22 +211,83 @@ def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_tables(cfg: Krea2Config, text_len: int, grid_h: int, grid_w: int, device) -> tuple:
-    """``(cos, sin, cis)``: cos/sin ``(text_len + grid_h*grid_w, head_dim/2)`` float32 for positions
-    text (0,0,0) and image (0, row, col), and ``cis = cos + i sin`` complex64. Angles are formed in
-    float64 (as the reference) before the cast."""
-    pos_h = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
-    pos_w = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
-    zeros_t = torch.zeros(text_len, dtype=torch.float64)
-    pos = [torch.cat([zeros_t, torch.zeros(grid_h * grid_w, dtype=torch.float64)]),
-           torch.cat([zeros_t, pos_h]), torch.cat([zeros_t, pos_w])]
+def position_ids(text_len: int, grids) -> torch.Tensor:
+    """``(text_len + sum(h*w), 3)`` float64 RoPE positions ``(index, row, col)``: text at (0, 0, 0), then
+    one row-major grid per ``(index, grid_h, grid_w)`` in ``grids`` (the target is index 0; reference
+    image i is index i, on its own grid counted from 0)."""
+    parts = [torch.zeros(text_len, 3, dtype=torch.float64)]
+    for index, gh, gw in grids:
+        rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)
+        cols = torch.arange(gw, dtype=torch.float64).repeat(gh)
+        parts.append(torch.stack([torch.full_like(rows, float(index)), rows, cols], dim=-1))
+    return torch.cat(parts)
+
+
+def rope_from_ids(cfg: Krea2Config, ids: torch.Tensor, device) -> tuple:
+    """``(cos, sin, cis)`` for position ids ``(L, 3)``: cos/sin ``(L, head_dim/2)`` float32, the three
+    axes' angles side by side (:attr:`Krea2Config.rope_axes`), ``cis = cos + i sin`` complex64. Angles
+    are formed in float64 (as the reference) before the cast."""
+    ids = ids.to(torch.float64).cpu()
     angles = []
-    for p, d in zip(pos, cfg.rope_axes):
+    for axis, d in enumerate(cfg.rope_axes):
         omega = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        angles.append(p[:, None] * omega[None, :])
+        angles.append(ids[:, axis, None] * omega[None, :])
     a = torch.cat(angles, dim=-1)
     cos, sin = a.cos().float().to(device), a.sin().float().to(device)
     return cos, sin, torch.complex(cos, sin)
+
+
+def rope_tables(cfg: Krea2Config, text_len: int, grid_h: int, grid_w: int, device) -> tuple:
+    """:func:`rope_from_ids` for text and one target grid (no references)."""
+    return rope_from_ids(cfg, position_ids(text_len, [(0, grid_h, grid_w)]), device)
+
+
+#: ``reference_latents_method`` values (ComfyUI's FluxKontextMultiReferenceLatentMethod). All of them give
+#: reference i the positions (i, row, col); "index_timestep_zero" also modulates reference tokens with t = 0.
+REF_METHODS = ("index", "offset", "uxo", "index_timestep_zero")
+
+
+class AttentionHooks:
+    """The host's attention patches for one forward, called as native ComfyUI Krea 2 calls them.
+
+    ``patches["attn1_patch"]``: ``fn(q, k, v, pe=..., attn_mask=..., extra_options=...)`` with q ``(B, H, L, D)``,
+    k, v ``(B, Hkv, L, D)`` after the q/k norms, before RoPE and before any K/V head repeat; it returns a
+    dict that may replace ``q``, ``k``, ``v``, ``pe``, ``attn_mask``. ``pe`` is given in ComfyUI's layout
+    ``(B, 1, L, D/2, 2, 2)`` (rotation matrices ``[[cos, -sin], [sin, cos]]``), built once per forward
+    and only when such a patch is set. ``patches["attn1_output_patch"]``: ``fn(out, extra_options)`` with
+    ``out (B, L, H*D)`` before the output gate. ``extra_options`` is a copy of the forward's
+    transformer_options at the current block (``block_index``, ``img_slice``, ...)."""
+
+    def __init__(self, patches: dict, options: dict):
+        self.qkv = list(patches.get("attn1_patch", ()))
+        self.out = list(patches.get("attn1_output_patch", ()))
+        self.options = options
+        self._pe = None  # (our rope, its host-layout twin)
+
+    def _host_pe(self, rope, batch):
+        if self._pe is None or self._pe[0] is not rope:
+            cos, sin = rope[0], rope[1]
+            pe = torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))   # (L, D/2, 2, 2)
+            self._pe = (rope, pe.expand(batch, 1, *pe.shape))
+        return self._pe[1]
+
+    def on_qkv(self, q, k, v, rope, mask):
+        extra = dict(self.options)
+        pe = None if rope is None else self._host_pe(rope, q.shape[0])
+        given = pe
+        for fn in self.qkv:
+            got = fn(q, k, v, pe=pe, attn_mask=mask, extra_options=extra)
+            q, k, v = got.get("q", q), got.get("k", k), got.get("v", v)
+            pe, mask = got.get("pe", pe), got.get("attn_mask", mask)
+        if pe is not given:  # a patch moved the positions: rotate with its matrices
+            rope = None if pe is None else (pe[..., 0, 0], pe[..., 1, 0])
+        return q, k, v, rope, mask
+
+    def on_out(self, out):
+        extra = dict(self.options)
+        for fn in self.out:
+            out = fn(out, extra)
+        return out
 
 
 class Krea2Transformer(nn.Module):
@@ -272,67 +376,192 @@ class Krea2Transformer(nn.Module):
         w = self.first.weight.dtype
         return w if w.is_floating_point and w.itemsize >= 2 else torch.bfloat16
 
-    def rope(self, text_len: int, grid_h: int, grid_w: int, device):
-        key = (text_len, grid_h, grid_w, str(device))
+    def rope(self, text_len: int, grid_h: int, grid_w: int, device, refs=()):
+        """RoPE tables for text + a ``grid_h x grid_w`` target, then reference grids ``refs``
+        (``[(grid_h, grid_w), ...]``, reference i at index i); cached per layout."""
+        grids = ((0, grid_h, grid_w),) + tuple((i, gh, gw) for i, (gh, gw) in enumerate(refs, 1))
+        key = (text_len, grids, str(device))
         tab = self._rope_cache.get(key)
         if tab is None:
             if len(self._rope_cache) > 8:
                 self._rope_cache.clear()
-            tab = self._rope_cache[key] = rope_tables(self.config, text_len, grid_h, grid_w, device)
+            tab = self._rope_cache[key] = rope_from_ids(self.config, position_ids(text_len, grids), device)
         return tab
 
-    # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x, sigma, context, attention_mask=None, transformer_options=None, **kwargs):
-        cfg = self.config
-        five_d = x.ndim == 5
-        if five_d:
-            b5, c5, t5, h5, w5 = x.shape
-            x = x.movedim(2, 1).reshape(b5 * t5, c5, h5, w5)
-        B, C, H, W = x.shape
-        p = cfg.patch
-        if C != cfg.channels:
-            raise ConditioningError(f"Krea 2 latent must have {cfg.channels} channels (Wan21 latent format), "
-                                    f"got shape {tuple(x.shape)}.")
-        in_dtype = x.dtype
-        dt = self._compute_dtype(x)
-
+    def patchify(self, lat: torch.Tensor, what: str = "latent"):
+        """``(B, C, H, W)`` -> ``(tokens (B, gh*gw, C*p*p), gh, gw)``. Sides that are not a multiple of the
+        patch are padded circularly (as ComfyUI's DiTs pad); ``what`` names the input in errors."""
+        cfg, p = self.config, self.config.patch
+        if lat.ndim != 4 or lat.shape[1] != cfg.channels:
+            raise ConditioningError(f"Krea 2 {what} must have {cfg.channels} channels (Wan21 latent format, "
+                                    f"(batch, {cfg.channels}, height, width)), got shape {tuple(lat.shape)}.")
+        B, C, H, W = lat.shape
         ph, pw = (-H) % p, (-W) % p
         if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="circular")
+            lat = F.pad(lat, (0, pw, 0, ph), mode="circular")
         gh, gw = (H + ph) // p, (W + pw) // p
-        img = x.view(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+        return lat.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p), gh, gw
+
+    def reference_tokens(self, ref_latents, batch: int):
+        """Reference latents -> ``(tokens (batch, n, C*p*p), [(gh, gw), ...])``, every reference patchified on
+        its own grid and repeated (or cut) to ``batch``. A reference is ``(b, C, H, W)`` or ``(b, C, T, H, W)``
+        (T frames, each one image); any size."""
+        tokens, grids = [], []
+        cfg = self.config
+        for i, ref in enumerate(ref_latents, 1):
+            what = f"reference latent {i} of {len(ref_latents)}"
+            if ref.ndim not in (4, 5) or ref.shape[1] != cfg.channels:
+                raise ConditioningError(f"Krea 2 {what} must have {cfg.channels} channels (Wan21 latent format, "
+                                        f"(batch, {cfg.channels}, height, width) or (batch, {cfg.channels}, frames, "
+                                        f"height, width)), got shape {tuple(ref.shape)}. Encode the reference image "
+                                        "with the Qwen-Image / Wan 2.1 VAE.")
+            if ref.ndim == 5:
+                ref = ref.transpose(1, 2).flatten(0, 1)
+            if ref.shape[0] != batch:
+                if ref.shape[0] > batch:
+                    ref = ref[:batch]
+                else:
+                    ref = ref.repeat(-(-batch // ref.shape[0]), 1, 1, 1)[:batch]
+            tok, gh, gw = self.patchify(ref, what)
+            tokens.append(tok)
+            grids.append((gh, gw))
+        return torch.cat(tokens, dim=1), grids
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x, sigma, context, attention_mask=None, ref_latents=None, transformer_options=None, **kwargs):
+        """The velocity; see the module docstring. Arguments in native ComfyUI Krea 2's order, so a host
+        wrapper around :meth:`_forward` sees ``x`` first and ``transformer_options`` last (ComfyUI's
+        adapter, ``nodes.host.model``, runs it through the host's DIFFUSION_MODEL wrapper chain)."""
+        return self._forward(x, sigma, context, attention_mask, ref_latents, transformer_options, **kwargs)
+
+    def _forward(self, x, sigma, context, attention_mask=None, ref_latents=None, transformer_options=None,
+                 ref_latents_method=None, **kwargs):
+        cfg = self.config
+        # ComfyUI's host hooks are read from transformer_options, all here and in the block loop below:
+        # patches["post_input"], patches["attn1_patch"], patches["attn1_output_patch"] (AttentionHooks),
+        # patches_replace["dit"][("single_block", i)]. The blocks see a per-call copy carrying
+        # total_blocks, block_type, img_slice and block_index; every other key passes through.
+        opts = {} if transformer_options is None else dict(transformer_options)
+        patches = opts.get("patches") or {}
+        replace = (opts.get("patches_replace") or {}).get("dit") or {}
+
+        frames = None
+        if x.ndim == 5:  # Wan21 latents (B, C, T, H, W): each of the T frames is one image
+            frames = (x.shape[0], x.shape[2])
+            x = x.transpose(1, 2).flatten(0, 1)
+        B, C, H, W = x.shape
+        p = cfg.patch
+        in_dtype = x.dtype
+        dt = self._compute_dtype(x)
+        img, gh, gw = self.patchify(x)
+        n_target = img.shape[1]
+
+        ref_grids, t0 = (), False
+        if ref_latents is not None and len(ref_latents) > 0:
+            if ref_latents_method is None:
+                raise ConditioningError(
+                    f"{len(ref_latents)} reference latent(s) given without ref_latents_method; give one of "
+                    f"{', '.join(REF_METHODS)} (ComfyUI: FluxKontextMultiReferenceLatentMethod).")
+            if ref_latents_method not in REF_METHODS:
+                log.warning("Krea 2: unknown ref_latents_method %r; references are placed as 'index' (one of %s "
+                            "was expected)", ref_latents_method, ", ".join(REF_METHODS))
+            refs, ref_grids = self.reference_tokens([r.to(x.device) for r in ref_latents], B)
+            img = torch.cat([img, refs], dim=1)
+            t0 = ref_latents_method == "index_timestep_zero"
+            opts["reference_image_num_tokens"] = [a * b for a, b in ref_grids]
 
         if sigma.ndim == 0:
             sigma = sigma.expand(B)
+        elif sigma.shape[0] != B:  # one time per sample of a 5-D latent: one per frame
+            sigma = sigma.repeat_interleave(B // sigma.shape[0])
         if context.shape[0] != B:
             context = context.expand(B, *context.shape[1:]) if context.shape[0] == 1 else context.repeat(
                 B // context.shape[0], *[1] * (context.ndim - 1))
             if attention_mask is not None and attention_mask.shape[0] != B:
                 attention_mask = attention_mask.repeat(B // attention_mask.shape[0], 1)
 
-        mask_txt = mask_all = None
-        if attention_mask is not None:
-            am = attention_mask.to(device=x.device, dtype=torch.bool)
-            if not bool(am.all()):
-                mask_txt = am[:, None, None, :]
-                mask_all = torch.cat([am, am.new_ones(B, gh * gw)], dim=1)[:, None, None, :]
-
-        txt = self.text_tokens(context.to(x.device), mask_txt, transformer_options)
+        img = self.first(img.to(dt))
         t = self.tmlp(timestep_embedding(sigma.to(x.device), cfg.time_dim).to(dt))
         vec = self.tproj(t)
+        vec_ref = self.tproj(self.tmlp(timestep_embedding(torch.zeros_like(sigma, device=x.device),
+                                                          cfg.time_dim).to(dt))) if t0 else None
 
-        h = torch.cat([txt.to(dt), self.first(img.to(dt))], dim=1)
+        am = None
+        if attention_mask is not None:
+            am = attention_mask.to(device=x.device, dtype=torch.bool)
+            am = None if bool(am.all()) else am
+        txt = self.text_tokens(context.to(x.device), None if am is None else am[:, None, None, :], opts).to(dt)
+        rope = None
+        if "post_input" in patches:
+            rope = self.rope(txt.shape[1], gh, gw, x.device, ref_grids)
+            img, txt, rope = self._post_input(patches["post_input"], img, txt.clone(), rope, gh, gw, ref_grids, opts)
         L_txt = txt.shape[1]
-        rope = self.rope(L_txt, gh, gw, x.device)
-        for blk in self.blocks:
-            h = blk(h, vec, rope, mask_all)
-        out = self.last(h[:, L_txt:], t)
+        if rope is None:
+            rope = self.rope(L_txt, gh, gw, x.device, ref_grids)
+
+        h = torch.cat([txt, img], dim=1)
+        del txt, img
+        mask = None
+        if am is not None:
+            if am.shape[1] != L_txt:
+                raise ConditioningError(f"attention_mask covers {am.shape[1]} text tokens, the sequence has {L_txt}.")
+            mask = torch.cat([am, am.new_ones(B, h.shape[1] - L_txt)], dim=1)[:, None, None, :]
+
+        opts["total_blocks"] = len(self.blocks)
+        opts["block_type"] = "single"
+        opts["img_slice"] = [L_txt, h.shape[1]]
+        hooks = AttentionHooks(patches, opts) if patches.get("attn1_patch") or patches.get("attn1_output_patch") \
+            else None
+        ref_start = L_txt + n_target if t0 else None
+        for i, blk in enumerate(self.blocks):
+            opts["block_index"] = i
+            fn = replace.get(("single_block", i))
+            if fn is None:
+                h = blk(h, vec, rope, mask, hooks, vec_ref, ref_start)
+            else:
+                h = self._replaced_block(fn, blk, h, vec, rope, mask, hooks, vec_ref, ref_start, opts)
+        out = self.last(h[:, L_txt:L_txt + n_target], t)   # the target only: references are inputs
 
         out = out.view(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * p, gw * p)
         out = out[:, :, :H, :W].to(in_dtype)
-        if five_d:
-            out = out.view(b5, t5, c5, h5, w5).movedim(1, 2)
+        if frames is not None:
+            out = out.unflatten(0, frames).transpose(1, 2)
         return out
+
+    def _post_input(self, fns, img, txt, rope, gh, gw, ref_grids, opts):
+        """ComfyUI's ``patches["post_input"]``: each ``fn({"img", "txt", "img_ids", "txt_ids",
+        "transformer_options"})`` returns that dict, possibly with new tokens or positions. Ids are
+        ``(B, L, 3)`` float32 as native passes them; changed ids rebuild RoPE (one set for the batch)."""
+        B = img.shape[0]
+        ids = position_ids(txt.shape[1], ((0, gh, gw),) + tuple((i, a, b) for i, (a, b) in enumerate(ref_grids, 1)))
+        ids = ids.to(device=img.device, dtype=torch.float32)
+        img_ids = ids[txt.shape[1]:].expand(B, -1, -1)
+        txt_ids = ids[:txt.shape[1]].expand(B, -1, -1)
+        given = (img_ids, txt_ids)
+        for fn in fns:
+            got = fn({"img": img, "txt": txt, "img_ids": img_ids, "txt_ids": txt_ids, "transformer_options": opts})
+            img, txt, img_ids, txt_ids = got["img"], got["txt"], got["img_ids"], got["txt_ids"]
+        if img_ids is not given[0] or txt_ids is not given[1]:
+            new = torch.cat([txt_ids, img_ids], dim=1)
+            if not bool((new == new[:1]).all()):
+                raise ConditioningError("a post_input patch gave each sample its own position ids; Krea 2 "
+                                        "takes one set of positions for the whole batch.")
+            rope = rope_from_ids(self.config, new[0], img.device)
+        return img, txt, rope
+
+    def _replaced_block(self, fn, blk, h, vec, rope, mask, hooks, vec_ref, ref_start, opts):
+        """A block replaced through ``patches_replace["dit"][("single_block", i)]`` (the Flux convention):
+        ``fn(args, {"original_block": block})`` with ``args`` = ``img`` (the whole ``(B, L, hidden)``
+        sequence, text first), ``vec``, ``pe``, ``attn_mask``, ``transformer_options`` (plus ``vec_ref``
+        and ``ref_start`` for t = 0 references); returns a dict whose ``img`` is the block's output.
+        The original block runs out of place here: the replacement may still read ``args["img"]``."""
+        def original(args):
+            return {"img": blk(args["img"], args["vec"], args["pe"], args.get("attn_mask"), hooks,
+                               args.get("vec_ref"), args.get("ref_start"), inplace=False)}
+
+        args = {"img": h, "vec": vec, "pe": rope, "attn_mask": mask, "transformer_options": opts,
+                "vec_ref": vec_ref, "ref_start": ref_start}
+        return fn(args, {"original_block": original})["img"]
 
 
 _KNOWN_TEXT_WIDTHS = {
