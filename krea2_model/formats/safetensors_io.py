@@ -23,18 +23,26 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 class TensorSource(Mapping):
-    """A read-only mapping ``key -> tensor`` that loads on access, plus ``shape(key)``,
-    ``metadata`` (the safetensors ``__metadata__`` of the first file) and ``describe()`` (the
-    path, for messages)."""
+    """A read-only mapping ``key -> tensor`` that loads on access, plus ``shape(key)``, ``dtype(key)``,
+    ``metadata`` (the safetensors ``__metadata__`` of the first file), ``where`` (the path, for messages)
+    and ``file_of(key)`` (the file holding a tensor: the file itself, or its shard in a folder)."""
 
     def __init__(self, shapes: dict, getter: Callable[[str], torch.Tensor], where: str, metadata=None, dtypes=None,
-                 reader: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+                 reader: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                 files: Callable[[str], str] | None = None):
         self._shapes = shapes
         self._get = getter
         self.where = where
         self.metadata = metadata or {}
         self._dtypes = dtypes or {}
         self._reader = reader
+        self._files = files
+
+    def file_of(self, key) -> str:
+        """Path of the file that holds tensor ``key`` (``where`` for in-memory sources)."""
+        if key not in self._shapes:
+            raise KeyError(key)
+        return self._files(key) if self._files is not None else self.where
 
     @property
     def streams(self) -> bool:
@@ -220,21 +228,20 @@ def open_safetensors(path: str) -> TensorSource:
     def read_into(key, out):
         return _stream_into(path, base, key, header[key], out, scratch)
 
-    return TensorSource(shapes, get, path, meta, dtypes, reader=read_into)
+    return TensorSource(shapes, get, path, meta, dtypes, reader=read_into, files=lambda key: path)
 
 
 def open_sharded_folder(folder: str, index_names=("diffusion_pytorch_model.safetensors.index.json",
                                                    "model.safetensors.index.json")) -> TensorSource:
-    """A folder with ``*.safetensors.index.json`` and its shards, or with a single safetensors file."""
-    for name in index_names:
-        idx = os.path.join(folder, name)
-        if os.path.isfile(idx):
-            break
-    else:
-        idx = None
-        found = [f for f in os.listdir(folder) if f.endswith(".safetensors.index.json")]
-        if found:
-            idx = os.path.join(folder, sorted(found)[0])
+    """A folder with one ``*.safetensors.index.json`` and its shards, or with a single safetensors file.
+    Several index files are refused (listing them): which model the folder holds would be a guess."""
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors.index.json"))
+    if len(found) > 1:
+        raise Krea2FileError(
+            f"{folder}: {len(found)} shard index files ({', '.join(found)}) in one folder, so which model it holds "
+            "is ambiguous. Keep one index with its shards per folder (move the other model to its own folder).")
+    known = [n for n in index_names if n in found]
+    idx = os.path.join(folder, (known or found)[0]) if found else None
     if idx is None:
         files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         if len(files) == 1:
@@ -270,7 +277,7 @@ def open_sharded_folder(folder: str, index_names=("diffusion_pytorch_model.safet
         raise Krea2FileError(f"{idx}: {len(missing)} tensors listed in the index are absent from their shards "
                              f"(first: {missing[:3]}); the shards are from another version. Download them again.")
     return TensorSource(shapes, lambda k: owner[k][k], folder, meta, dtypes,
-                        reader=lambda k, out: owner[k].read_into(k, out))
+                        reader=lambda k, out: owner[k].read_into(k, out), files=lambda k: owner[k].where)
 
 
 def open_source(source) -> TensorSource:

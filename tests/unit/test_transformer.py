@@ -309,6 +309,30 @@ def test_sharded_folder_with_missing_shard(tmp_path):
         load_transformer(folder)
 
 
+def test_folder_with_two_shard_indexes_is_refused_listing_them(tmp_path):
+    """Main took the first index silently; which model a folder with two holds is a guess."""
+    import shutil
+    cfg = CONFIGS["tiny"]
+    folder = write(random_state_dict(cfg, 0), str(tmp_path / "dif"), "diffusers-folder", cfg)
+    shutil.copy(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"),
+                os.path.join(folder, "other_model.safetensors.index.json"))
+    with pytest.raises(Krea2FileError) as e:
+        load_transformer(folder)
+    msg = str(e.value)
+    assert "diffusion_pytorch_model.safetensors.index.json" in msg and "other_model.safetensors.index.json" in msg
+
+
+def test_every_tensor_knows_its_file(tmp_path):
+    from krea2_model.formats.safetensors_io import open_source
+    cfg = CONFIGS["tiny"]
+    folder = write(random_state_dict(cfg, 0), str(tmp_path / "dif"), "diffusers-folder", cfg)
+    src = open_source(folder)
+    shards = {src.file_of(k) for k in src.keys()}
+    assert len(shards) == 2 and all(os.path.dirname(f) == folder for f in shards)
+    for f in shards:  # each key really is in the shard named for it
+        assert {k for k in src.keys() if src.file_of(k) == f} == set(open_source(f).keys())
+
+
 def test_krea2_model_never_imports_comfy():
     root = os.path.join(os.path.dirname(__file__), "..", "..", "krea2_model")
     offenders = []
