@@ -156,16 +156,19 @@ class TextCheckpoint:
     (``'full'`` when a vision tower is present, ``'hf-folder'``, ``'text'``), ``prefix``, ``ignored``."""
 
     def __init__(self, source):
-        self.src: TensorSource = open_source(source)
+        from .gguf import is_gguf, open_gguf_text  # the gguf package is needed only for .gguf files
+        gguf = is_gguf(source)
+        self.src: TensorSource = open_gguf_text(source) if gguf else open_source(source)
         self.where = self.src.where
         keys = list(self.src.keys())
-        hf = _read_hf_config(source)
+        hf = self.src.hf_config if gguf else _read_hf_config(source)
         msg = describe_text_foreign(keys, self.where, hf)
         if msg:
             raise WrongTextEncoderError(msg)
         self.prefix = find_tower_prefix(keys)
         has_vision = any(_is_vision(k) for k in keys)
-        self.layout = "hf-folder" if hf or (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)) \
+        self.layout = "gguf" if gguf else "hf-folder" if hf or (isinstance(source, (str, os.PathLike)) and
+                                                                os.path.isdir(source)) \
             else ("full" if has_vision else "text")
         self.keymap, self.aux, ignored = {}, {}, []
         n = len(self.prefix)
@@ -213,6 +216,9 @@ def load_text_model(source, *, dtype=None, device="cpu", operations=None,
     ``dtype`` None keeps each weight's stored floating dtype (fp8/int8 weights become bf16). Tensors stream
     from the file one at a time; the vision tower and ``lm_head`` are never read."""
     ck = source if isinstance(source, TextCheckpoint) else TextCheckpoint(source)
+    if ck.layout == "gguf":  # block-quantized weights stay packed; see formats.gguf
+        from .gguf import load_gguf_text_model
+        return load_gguf_text_model(ck, dtype=dtype, device=device, operations=operations, progress=progress)
     if ck.ignored:
         log.info("Krea 2: %s: text tower at '%s' (%d layers, hidden %d); %d other tensors ignored (vision tower, "
                  "lm_head, ...): %s", ck.where, ck.prefix, ck.config.layers, ck.config.hidden, len(ck.ignored),

@@ -190,7 +190,8 @@ class CanonicalCheckpoint:
     name), ``extra`` (source keys the model does not use)."""
 
     def __init__(self, source):
-        self.src: TensorSource = open_source(source)
+        from .gguf import is_gguf, open_gguf_transformer  # the gguf package is needed only for .gguf files
+        self.src: TensorSource = open_gguf_transformer(source) if is_gguf(source) else open_source(source)
         self.where = self.src.where
         try:
             keymap, self.layout = canonical_keymap(self.src.keys())
@@ -218,6 +219,11 @@ class CanonicalCheckpoint:
                   c.rsplit(".", 1)[0] + ".weight" not in want]
         self.extra = extra
         self._shapes = {k: shapes[k] for k in want}
+
+    @property
+    def layout_gguf(self) -> bool:
+        """True when the tensors come from a GGUF file (``src.packed(key)`` gives their raw blocks)."""
+        return hasattr(self.src, "packed")
 
     def keys(self):
         return list(self._shapes)
@@ -282,6 +288,9 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
     """
     ck = CanonicalCheckpoint(source)
     ck.report_extra()
+    if ck.layout_gguf:  # block-quantized weights stay packed; see formats.gguf
+        from .gguf import load_gguf_transformer
+        return load_gguf_transformer(ck, dtype=dtype, device=device, operations=operations, progress=progress)
     with torch.device("meta"):
         model = Krea2Transformer(ck.config, dtype=dtype, operations=operations)
     params = dict(model.named_parameters())

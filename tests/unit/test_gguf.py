@@ -1,0 +1,329 @@
+"""GGUF (issue 15): our dequantization against the gguf package, tiny GGUF models against the same weights
+dequantized by the gguf package and saved as safetensors, and every bad input's message."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+# gguf is a test dependency: imported, so a missing one fails the run (it is the reference)
+import gguf  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from krea2_model import Krea2FileError, NotKrea2Error, load_text_encoder, load_transformer
+from krea2_model.errors import QuantFormatError
+from krea2_model.formats.gguf import GGUFFile, canonical_to_llama_cpp, llama_cpp_to_canonical
+from krea2_model.formats.gguf_dequant import QTYPES, dequantize
+from krea2_model.tiny import gguf as tiny_gguf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUANTIZABLE = tiny_gguf.QUANTIZABLE
+ALL = tuple(QTYPES)
+
+
+def test_every_type_of_the_issue_is_in_the_table_with_ggmls_id_and_block_size():
+    want = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+            "IQ4_NL", "IQ4_XS"}
+    assert set(QTYPES) == want
+    for name, q in QTYPES.items():
+        t = GGMLQuantizationType[name]
+        assert q.id == t.value, name
+        assert (q.block_elems, q.block_bytes) == GGML_QUANT_SIZES[t], name
+    # every type the gguf package cannot quantize gets random blocks with known scale fields
+    assert set(tiny_gguf.RANDOM_SCALES) == want - set(QUANTIZABLE)
+
+
+def _reference_blocks(name: str, rows: int, row_elems: int, rng) -> np.ndarray:
+    """Bytes of ``name`` as the gguf package writes them: quantized by it where it can, else random blocks
+    with finite float16 scale fields (the fields' offsets come from the generator's table)."""
+    t = GGMLQuantizationType[name]
+    if name in QUANTIZABLE:
+        x = (rng.standard_normal((rows, row_elems)) * rng.uniform(0.01, 3.0)).astype(np.float32)
+        x[0, :5] = [0.0, -0.0, 1e-8, 65504.0 if name in ("F16", "F32", "BF16") else 7.0, -3.0]
+        return gguf.quants.quantize(x, t)
+    q = QTYPES[name]
+    blocks = rng.integers(0, 256, (rows * row_elems // q.block_elems, q.block_bytes), dtype=np.uint8)
+    for off, _ in tiny_gguf.RANDOM_SCALES[name]:
+        d = (rng.standard_normal(blocks.shape[0]) * 0.05).astype(np.float16)
+        d[0] = np.float16(0.0)
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_dequantize_equals_gguf_reference_exactly(name):
+    rng = np.random.default_rng(list(QTYPES).index(name))
+    q = QTYPES[name]
+    row = 4 * max(q.block_elems, 32)
+    data = _reference_blocks(name, 6, row, rng)
+    ref = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, GGMLQuantizationType[name])))
+    assert ref.dtype == torch.float32 and ref.shape == (6, row)
+    raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).reshape(-1)
+    ours = dequantize(raw, name, (6, row))
+    assert ours.dtype == torch.float32
+    assert torch.isfinite(ref).all()
+    assert torch.equal(ours, ref), f"{name}: max |diff| {(ours - ref).abs().max().item()}"
+    # the cast to a compute dtype happens after the float32 maths
+    assert torch.equal(dequantize(raw, name, (6, row), torch.bfloat16), ref.to(torch.bfloat16))
+
+
+def test_dequantize_checks_the_byte_count():
+    raw = torch.zeros(33, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="Q8_0"):
+        dequantize(raw, "Q8_0", (32,))
+
+
+# ---- tiny models ----------------------------------------------------------------------------------
+
+def _reference_state_dict(path, rename=lambda n: n) -> dict:
+    """The GGUF read and dequantized by the gguf package alone (shape reversed to PyTorch order)."""
+    r = gguf.GGUFReader(path)
+    out = {}
+    for t in r.tensors:
+        v = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[rename(t.name)] = torch.from_numpy(np.array(v, dtype=np.float32)).reshape(
+            tuple(int(x) for x in reversed(list(t.shape))))
+    return out
+
+
+def _save(sd, path):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return path
+
+
+def _packed_modules(model):
+    return [m for m in model.modules() if getattr(m, "gguf_qtype", None) is not None]
+
+
+def _inputs(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, cfg.in_channels // 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 7, cfg.text_taps * cfg.text_dim, generator=g)
+    return x, torch.tensor([0.7]), ctx
+
+
+@pytest.mark.parametrize("qtype,prefix,arch", [("Q8_0", False, "krea2"), ("Q4_K", True, None),
+                                                ("mixed", False, "krea2"), ("Q6_K", False, None)])
+def test_transformer_gguf_velocity_equals_dequantized_safetensors(tmp_path, qtype, prefix, arch):
+    path = str(tmp_path / f"krea2_{qtype}.gguf")
+    used = tiny_gguf.write_transformer(path, "gguf", qtype, seed=3, prefix=prefix, arch=arch)
+    if qtype == "mixed":
+        assert set(used.values()) == set(QTYPES)  # every type is in the file
+    model = load_transformer(path)
+    packed = _packed_modules(model)
+    quantized_linears = [k for k, q in used.items() if k.endswith(".weight") and q not in ("F32", "F16", "BF16")
+                         and "scale" not in k]
+    assert len(packed) == len(quantized_linears) > 0
+    for m in packed:  # the quantized bytes, not a dequantized copy
+        assert m.weight.dtype == torch.uint8
+    ref = load_transformer(_save(_reference_state_dict(path), str(tmp_path / "ref.safetensors")))
+    x, s, ctx = _inputs(ref.config)
+    with torch.no_grad():
+        a, b = model(x, s, ctx), ref(x, s, ctx)
+    assert torch.isfinite(b).all() and b.abs().mean() > 0.05
+    err = (a - b).abs().max().item()
+    assert err <= 1e-6, f"{qtype}: max |velocity diff| {err}"
+
+
+def test_transformer_gguf_in_bf16_compute(tmp_path):
+    path = str(tmp_path / "k.gguf")
+    tiny_gguf.write_transformer(path, "gguf", "Q4_K", seed=1)
+    model = load_transformer(path)
+    ref = load_transformer(_save(_reference_state_dict(path), str(tmp_path / "ref.safetensors")))
+    x, s, ctx = _inputs(ref.config)
+    with torch.no_grad():
+        a = model(x.bfloat16(), s, ctx.bfloat16())
+        b = ref(x, s, ctx)
+    assert a.dtype == torch.bfloat16
+    rel = ((a.float() - b).norm() / b.norm()).item()
+    assert rel < 3e-2, rel
+
+
+def test_transformer_gguf_keeps_ram_near_the_file_size(tmp_path):
+    path = str(tmp_path / "k.gguf")
+    tiny_gguf.write_transformer(path, "gguf", "Q4_K", seed=1, fallback="F16")
+    model = load_transformer(path)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    deq = sum(p.numel() for p in load_transformer(
+        _save(_reference_state_dict(path), str(tmp_path / "r.safetensors"))).parameters()) * 4
+    size = os.path.getsize(path)
+    # norm scales and modulation tables are dequantized to float32 at load; the rest stays as in the file
+    assert held <= 1.1 * size, (held, size)
+    assert held < deq / 3, (held, deq)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "mixed"])
+def test_text_encoder_gguf_conditioning_equals_dequantized_safetensors(tmp_path, qtype):
+    path = str(tmp_path / f"qwen3vl_{qtype}.gguf")
+    used = tiny_gguf.write_text(path, "gguf", qtype, seed=2)
+    enc = load_text_encoder(path)
+    assert enc.model.embed_tokens.weight.dtype == (torch.uint8 if used["token_embd.weight"] not in
+                                                   ("F32", "F16", "BF16") else enc.model.embed_tokens.weight.dtype)
+    assert _packed_modules(enc.model)
+    ref = load_text_encoder(_save(_reference_state_dict(path, llama_cpp_to_canonical),
+                                  str(tmp_path / "ref.safetensors")))
+    taps = tiny_gguf.TEXT_TAPS["gguf"]
+    for text in ("a cat on a red mat", ""):
+        a, b = enc.encode(text, taps=taps), ref.encode(text, taps=taps)
+        assert a.shape == b.shape and a.shape[-1] == len(taps) * 256
+        err = (a - b).abs().max().item()
+        assert err <= 1e-6, f"{qtype}: max |conditioning diff| {err}"
+
+
+def test_text_gguf_metadata_sets_eps_and_rope_theta(tmp_path):
+    from krea2_model.formats.text_file import TextCheckpoint
+    path = str(tmp_path / "q.gguf")
+    tiny_gguf.write_text(path, "gguf", "Q8_0")
+    ck = TextCheckpoint(path)
+    cfg = tiny_gguf.TEXT_CONFIGS["gguf"]
+    assert ck.layout == "gguf"
+    assert ck.config.layers == cfg.layers and ck.config.vocab == cfg.vocab
+    assert ck.config.rope_theta == pytest.approx(cfg.rope_theta) and ck.config.eps == pytest.approx(cfg.eps, rel=1e-6)
+
+
+def test_llama_cpp_names_round_trip():
+    for c in ("layers.3.self_attn.q_proj.weight", "layers.0.self_attn.k_norm.weight", "layers.1.mlp.down_proj.weight",
+              "layers.2.post_attention_layernorm.weight", "embed_tokens.weight", "norm.weight"):
+        assert llama_cpp_to_canonical(canonical_to_llama_cpp(c)) == c
+    assert canonical_to_llama_cpp("layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
+    assert canonical_to_llama_cpp("layers.0.input_layernorm.weight") == "blk.0.attn_norm.weight"
+    assert canonical_to_llama_cpp("embed_tokens.weight") == "token_embd.weight"
+    assert canonical_to_llama_cpp("norm.weight") == "output_norm.weight"
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def transformer_gguf(tmp_path):
+    path = str(tmp_path / "krea2_q8.gguf")
+    tiny_gguf.write_transformer(path, "tiny", "Q8_0")
+    return path
+
+
+def test_truncated_gguf(tmp_path, transformer_gguf):
+    data = open(transformer_gguf, "rb").read()
+    for cut in (len(data) // 2, 40):
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(data[:cut])
+        with pytest.raises(Krea2FileError, match="truncated") as e:
+            load_transformer(str(p))
+        assert str(p) in str(e.value)
+
+
+def test_wrong_magic(tmp_path):
+    p = tmp_path / "fake.gguf"
+    p.write_bytes(b"GGML" + b"\0" * 64)
+    with pytest.raises(Krea2FileError, match="not a GGUF file") as e:
+        load_transformer(str(p))
+    assert str(p) in str(e.value)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(Krea2FileError, match="empty"):
+        load_text_encoder(str(empty))
+
+
+@pytest.mark.parametrize("arch,names,what", [
+    ("flux", ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "Flux"),
+    ("sdxl", ["input_blocks.0.0.weight", "middle_block.1.proj_in.weight"], "SDXL"),
+])
+def test_other_diffusion_architectures_are_named(tmp_path, arch, names, what):
+    p = str(tmp_path / f"{arch}.gguf")
+    tiny_gguf.write_gguf({n: torch.randn(4, 32) for n in names}, p, arch, "Q8_0")
+    for load in (load_transformer, load_text_encoder):
+        with pytest.raises(NotKrea2Error, match=what) as e:
+            load(p)
+        assert p in str(e.value) and f"'{arch}'" in str(e.value)
+
+
+def test_foreign_gguf_without_architecture_is_described_from_its_names(tmp_path):
+    p = str(tmp_path / "noarch.gguf")
+    tiny_gguf.write_gguf({"double_blocks.0.img_attn.qkv.weight": torch.randn(4, 32),
+                          "single_blocks.0.linear1.weight": torch.randn(4, 32)}, p, None, "F16")
+    with pytest.raises(NotKrea2Error, match="Flux") as e:
+        load_transformer(p)
+    assert p in str(e.value)
+
+
+def test_text_encoder_gguf_given_to_the_model_loader_and_the_reverse(tmp_path, transformer_gguf):
+    text = str(tmp_path / "qwen3vl.gguf")
+    tiny_gguf.write_text(text, "tiny", "Q8_0")
+    with pytest.raises(NotKrea2Error, match="Krea2TextEncoderLoader") as e:
+        load_transformer(text)
+    assert text in str(e.value) and "text-encoder GGUF" in str(e.value)
+    with pytest.raises(NotKrea2Error, match="Krea2ModelLoader") as e:
+        load_text_encoder(transformer_gguf)
+    assert transformer_gguf in str(e.value) and "Krea 2 transformer GGUF" in str(e.value)
+    # without general.architecture the names still tell
+    noarch = str(tmp_path / "qwen3vl_noarch.gguf")
+    tiny_gguf.write_text(noarch, "tiny", "Q8_0", arch=None)
+    with pytest.raises(NotKrea2Error, match="Krea2TextEncoderLoader"):
+        load_transformer(noarch)
+    assert load_text_encoder(noarch).config.layers == tiny_gguf.TEXT_CONFIGS["tiny"].layers
+
+
+def test_other_language_models_and_mmproj_are_refused_by_the_text_loader(tmp_path):
+    p = str(tmp_path / "llama.gguf")
+    tiny_gguf.write_gguf({"token_embd.weight": torch.randn(8, 32), "blk.0.attn_q.weight": torch.randn(32, 32)},
+                         p, "llama", "F16")
+    with pytest.raises(NotKrea2Error, match="Llama") as e:
+        load_text_encoder(p)
+    assert p in str(e.value)
+    mm = str(tmp_path / "mmproj.gguf")
+    tiny_gguf.write_gguf({"v.blk.0.attn_q.weight": torch.randn(32, 32), "mm.0.weight": torch.randn(32, 32)},
+                         mm, "clip", "F16")
+    with pytest.raises(NotKrea2Error, match="mmproj"):
+        load_text_encoder(mm)
+
+
+def test_unsupported_type_names_the_tensor_and_the_type(tmp_path):
+    p = str(tmp_path / "iq2.gguf")
+    sd = {k: v for k, v in tiny_gguf.tiny_transformer.random_state_dict(tiny_gguf.CONFIGS["gguf"]).items()}
+    target = "blocks.1.attn.wq.weight"
+    tiny_gguf.write_gguf({k: v for k, v in sd.items() if k != target}, p, "krea2", "F32")
+    # rewrite with one tensor in IQ2_XXS (a type we do not read): 66 bytes per 256 elements
+    w = gguf.GGUFWriter(p, "krea2")
+    for k, v in sd.items():
+        if k == target:
+            rows, cols = v.shape
+            w.add_tensor(k, np.zeros((rows, cols // 256 * 66), dtype=np.uint8),
+                         raw_dtype=GGMLQuantizationType.IQ2_XXS)
+        else:
+            w.add_tensor(k, v.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(QuantFormatError, match="IQ2_XXS") as e:
+        load_transformer(p)
+    assert target in str(e.value) and p in str(e.value)
+
+
+def test_missing_gguf_package_says_how_to_install(tmp_path, transformer_gguf, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    with pytest.raises(Krea2FileError, match="pip install gguf") as e:
+        load_transformer(transformer_gguf)
+    assert transformer_gguf in str(e.value) and sys.executable in str(e.value)
+
+
+def test_the_pack_imports_without_gguf():
+    code = ("import sys; sys.modules['gguf'] = None; import krea2_model; "
+            "from krea2_model.formats import transformer_file, text_file, gguf_ops, gguf_dequant; "
+            "import krea2_model.text.encoder; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_tiny_gguf_generator_cli(tmp_path):
+    h = subprocess.run([sys.executable, "-m", "krea2_model.tiny.gguf", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert h.returncode == 0 and "--qtype" in h.stdout and "IQ4_XS" in h.stdout
+    r = subprocess.run([sys.executable, "-m", "krea2_model.tiny.gguf", "--out", str(tmp_path), "--qtype", "Q5_K",
+                        "--config", "gguf"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    f = GGUFFile(str(tmp_path / "krea2_gguf_Q5_K.gguf"))
+    assert f.arch == "krea2" and {t.type_name for t in f.tensors.values()} == {"F32", "Q5_K"}
+    assert (tmp_path / "qwen3vl_gguf_Q5_K.gguf").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
