@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 
@@ -19,7 +20,7 @@ import comfy.sd
 import comfy.supported_models_base
 import comfy.utils
 
-from ...krea2_model.errors import Krea2Error
+from ...krea2_model.errors import Krea2Error, first_names
 from ...krea2_model.formats.text_file import TextCheckpoint
 from ...krea2_model.text.prompt import (MAX_TOKENS, SUFFIX_LEN, build_prompt_ids, templated_prompt_span,
                                         warn_truncated)
@@ -34,9 +35,9 @@ class Krea2ClipModel(torch.nn.Module):
     """``cond_stage_model``: ``transformer`` is our :class:`Qwen3TextModel`; ``encode_token_weights``
     turns our token dict into ``(cond (1, n, taps*hidden), None, {})``."""
 
-    def __init__(self, text_config: dict, device="cpu", dtype=None, model_options={}):
+    def __init__(self, text_config: dict, device="cpu", dtype=None, model_options=None):
         super().__init__()
-        ops = model_options.get("custom_operations") or comfy.ops.manual_cast
+        ops = (model_options or {}).get("custom_operations") or comfy.ops.manual_cast
         self.transformer = Qwen3TextModel(Qwen3TextConfig(**text_config), dtype=dtype, device=device, operations=ops)
         self.dtypes = {dtype} if dtype is not None else {torch.float32}
         self.execution_device = None
@@ -48,7 +49,19 @@ class Krea2ClipModel(torch.nn.Module):
         self.execution_device = options.get("execution_device", self.execution_device)
 
     def load_sd(self, sd):
-        return self.transformer.load_state_dict(sd, strict=False)
+        """Load a state dict in our canonical names (what ``state_dict()`` gives); a key that is missing or has
+        no place in the model is an error naming it, never a silently half-loaded encoder."""
+        result = self.transformer.load_state_dict(sd, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            parts = []
+            if result.missing_keys:
+                parts.append(f"{len(result.missing_keys)} missing (first: {first_names(result.missing_keys, 4)})")
+            if result.unexpected_keys:
+                parts.append(f"{len(result.unexpected_keys)} with no place in the model (first: "
+                             f"{first_names(result.unexpected_keys, 4)})")
+            raise Krea2Error(f"Krea 2 text encoder: a state dict given to load_sd does not fit the Qwen3-VL tower: "
+                             f"{'; '.join(parts)}. Load the text encoder with Krea2TextEncoderLoader.")
+        return result
 
     def memory_estimation_function(self, tokens, device=None):
         n = len(tokens.get(KEY, {}).get("ids", [])) or 512
@@ -83,10 +96,16 @@ class Krea2ClipTokenizer:
 
     tokenizer_source = None  # set on the per-file subclass made by make_target
 
-    def __init__(self, embedding_directory=None, tokenizer_data={}):
+    def __init__(self, embedding_directory=None, tokenizer_data=None):
         self.tok = find_tokenizer(self.tokenizer_source)
+        self.told_literal = False
 
     def tokenize_with_weights(self, text, return_word_ids=False, max_tokens=MAX_TOKENS, taps=DEFAULT_TAPS, **kwargs):
+        if not self.told_literal and uses_weight_syntax(text):
+            self.told_literal = True
+            log.warning("Krea 2: the prompt uses ComfyUI's weighting / embedding syntax ('(word:1.2)', 'embedding:'); "
+                        "Krea 2's text encoder reads the prompt literally, as the reference does, so these are "
+                        "encoded as plain text, not as weights or embeddings.")
         p = build_prompt_ids(self.tok, text, max_tokens)
         return {KEY: {"ids": list(p.ids), "prefix_len": p.prefix_len, "prompt_tokens": p.prompt_tokens,
                       "prompt_tokens_total": p.prompt_tokens_total, "taps": tuple(taps)}}
@@ -98,6 +117,14 @@ class Krea2ClipTokenizer:
         return {}
 
 
+_WEIGHTED = re.compile(r"\([^()]*:\s*[-+]?(\d+\.?\d*|\.\d+)\s*\)")
+
+
+def uses_weight_syntax(text: str) -> bool:
+    """Whether ``text`` holds ComfyUI prompt-weight groups ``(words:1.2)`` or ``embedding:name``."""
+    return bool(_WEIGHTED.search(text)) or "embedding:" in text
+
+
 def load_clip(path: str):
     """A ComfyUI CLIP for a Qwen3-VL file or HF folder (validated with clear errors first)."""
     ck = TextCheckpoint(path)
@@ -106,8 +133,11 @@ def load_clip(path: str):
     target = comfy.supported_models_base.ClipTarget(tok_cls, Krea2ClipModel)
     target.params = {"text_config": dict(ck.config.__dict__)}
     n_params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
+    if ck.layout == "gguf":  # weights stay quantized, dequantized at cast time: see nodes.host.gguf
+        from .gguf import load_gguf_clip
+        return load_gguf_clip(ck, target, n_params)
     clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=n_params,
-                         model_options={})
+                         model_options={})  # fresh dicts: the host keeps and may fill them
     # one tensor at a time straight into the host-built parameters: peak memory = model + one tensor
     params = dict(clip.cond_stage_model.transformer.named_parameters())
     missing = [k for k in ck.keys() if k not in params]

@@ -270,6 +270,24 @@ def test_lora_block_filter_past_the_last_block_is_refused(h):
     assert "Krea2LoraLoader" in msg
 
 
+def test_clip_load_sd_refuses_partial_or_foreign_dicts_and_weight_syntax_is_named(h, tmp_path):
+    """``load_sd`` on our CLIP ignored what ``load_state_dict(strict=False)`` reported; prompt-weight syntax was
+    encoded literally without a word. Now: errors naming the keys, and one warning per CLIP."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
+                                "text_encoder": os.path.join(h.models_dir, "text_encoders", A.TEXT)}))
+    r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", "clip_check.py"), str(spec)],
+                       capture_output=True, text=True, timeout=600, cwd=h.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["full"] == {"ok": True}
+    assert not res["partial"]["ok"] and "3 missing" in res["partial"]["error"]
+    assert all(k in res["partial"]["error"] for k in res["partial"]["dropped"])
+    assert not res["foreign"]["ok"] and "text_model.encoder.layers.0.mlp.fc1.weight" in res["foreign"]["error"]
+    assert len(res["weight_syntax_warnings"]) == 1, res  # said once, not per prompt
+    assert res["plain_warnings"] == []
+
+
 def test_conditioning_of_the_wrong_width_is_explained(h):
     wf = small(load_api("krea2_turbo_text_to_image.json"))
     nodes_of(wf, "Krea2TextEncode")[0][1]["inputs"]["taps"] = "2,5"  # 2 taps instead of 12
@@ -332,8 +350,9 @@ print(json.dumps(out))
 """
 
 
-#: fp8 graph vs the fp8-rounded reference loop: about twice the error measured on 0.33 and 0.3.64 (see below).
-FP8_TOL = 2e-6
+#: fp8 graph vs the fp8-rounded reference loop: about twice the error measured (1.38e-6 on 0.33 and on 0.3.64;
+#: float32 sums in another order), where the old bound against the full-precision run was 0.1.
+FP8_TOL = 3e-6
 
 
 def test_fp8_weights_stay_fp8_and_equal_the_fp8_rounded_reference(h, tmp_path):
@@ -375,6 +394,18 @@ def test_lora_on_fp8_weights_is_within_fp8_error_of_the_full_precision_lora(h):
     assert err < 0.5 * rel(without, full), "on fp8 weights the LoRA did (almost) nothing"
 
 
+
+
+def test_comfy_patches_equal_the_merge_through_the_hosts_own_weight_adapters(h):
+    """``scripts/check_lora_comfy_adapters.py`` with the host's python: every LoRA style's patches, handed to the
+    host's real LoRAAdapter / LoKrAdapter / LoHaAdapter, give the hand merge (the tuple order, alpha and DoRA
+    conventions as the host reads them)."""
+    r = subprocess.run([h.python, os.path.join(ROOT, "scripts", "check_lora_comfy_adapters.py")],
+                       capture_output=True, text=True, timeout=600, cwd=h.root,
+                       env=dict(os.environ, COMFYUI_PATH=h.root))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    rows = [ln for ln in r.stdout.splitlines() if "patches" in ln]
+    assert len(rows) == len(PATCH_STYLES) and all(ln.endswith(" ok") for ln in rows), r.stdout
 
 
 @pytest.fixture

@@ -56,17 +56,46 @@ def test_found_by_host_search(monkeypatch, tmp_path):
     assert find_tokenizer(str(tmp_path / "te.safetensors")).where == TOK_DIR
 
 
-def test_ids_equal_the_reference_layout(tok):
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.Qwen2Tokenizer.from_pretrained(TOK_DIR)
+@pytest.fixture(scope="module")
+def pipeline_and_ours():
+    """diffusers' own Krea2Pipeline (its tokenization, padding and positions) on the host tokenizer and a tiny
+    Qwen3VLModel with Qwen's vocabulary size, and our encoder on the same weights and the same tokenizer files.
+    A pre-forward hook on the pipeline's text encoder records the ids and mask the pipeline itself built."""
+    import torch
+    from diffusers.pipelines.krea2.pipeline_krea2 import Krea2Pipeline
+    from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLModel
+
+    from krea2_model import load_text_encoder
+    from krea2_model.tiny.text import CONFIGS, hf_text_config, random_state_dict
+
+    cfg = CONFIGS["tiny-qwen-vocab"]
+    sd = random_state_dict(cfg, seed=4)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=cfg.hidden,
+                  deepstack_visual_indexes=[0], patch_size=4, num_position_embeddings=16)
+    te = Qwen3VLModel(Qwen3VLConfig(text_config=hf_text_config(cfg), vision_config=vision)).eval()
+    te.language_model.load_state_dict(sd, strict=True)
+    seen = []
+    te.register_forward_pre_hook(lambda mod, args, kw: seen.append((kw["input_ids"], kw["attention_mask"])),
+                                 with_kwargs=True)
+    pipe = Krea2Pipeline(scheduler=None, vae=None, text_encoder=te, tokenizer=Qwen2Tokenizer.from_pretrained(TOK_DIR),
+                         transformer=None, text_encoder_select_layers=(1, 3, 5))  # below the last layer: HF normalises that one
+    ours = load_text_encoder(sd, tokenizer=TOK_DIR, dtype=torch.float32)
+    return pipe, ours, seen
+
+
+def test_ids_and_rows_equal_the_reference_pipeline(tok, pipeline_and_ours):
+    import torch
+    pipe, ours, seen = pipeline_and_ours
+    taps = pipe.text_encoder_select_layers
     for text in PROMPTS:
-        assert tok.encode(PREFIX + text) == hf(PREFIX + text)["input_ids"], text
-        # diffusers' Krea2Pipeline: pad to 512 + 34 - 5, suffix after the padding; keep the unmasked ids
-        t = hf([PREFIX + text], truncation=True, padding="max_length", max_length=541)
-        s = hf([SUFFIX])
-        ref = [i for i, m in zip(t["input_ids"][0] + s["input_ids"][0], t["attention_mask"][0] + s["attention_mask"][0])
-               if m]
+        with torch.no_grad():
+            hs, mask = pipe.get_text_hidden_states([text], 512, torch.device("cpu"))
+        ids, full_mask = seen[-1]
+        ref_ids = ids[0][full_mask[0].bool()].tolist()  # the real tokens the pipeline fed its encoder
         p = build_prompt_ids(tok, text, warn=False)
-        assert p.ids == ref, text
-        assert p.prefix_len == 34 and p.real_tokens == len(ref) - 34 <= 512
+        assert p.ids == ref_ids, text
+        assert p.prefix_len == 34 and p.real_tokens == int(mask.sum()) <= 512
+        want = hs[mask].reshape(1, -1, len(taps) * hs.shape[-1])
+        got = ours.encode(text, taps=taps)
+        assert ((got - want).norm() / want.norm()).item() <= 1e-5, text
     assert build_prompt_ids(tok, PROMPTS[-1], warn=False).prompt_tokens == 507
