@@ -17,7 +17,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from comfy_host import (ComfyHost, HostError, find_host, find_old_host, host_python,  # noqa: E402
+from host_api import HostError  # noqa: E402
+from comfy_host import (ComfyHost, find_host, find_old_host, host_python,  # noqa: E402
                         host_version)
 
 # What happened to each host this session: None (not asked for), a ComfyHost, or a skip reason.

@@ -39,9 +39,20 @@ def test_default_locations(tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH_OLD", raising=False)
     monkeypatch.setattr(ch, "HOST_DEFAULT", fake_host(tmp_path / "ComfyUI"))
     monkeypatch.setattr(ch, "OLD_HOST_DEFAULT", tmp_path / "absent")
-    if ch.PACK_ROOT.parent.name != "custom_nodes":
-        assert ch.find_host() == tmp_path / "ComfyUI"
+    monkeypatch.setattr(ch, "PACK_ROOT", tmp_path / "checkouts" / "krea2-nodes")  # not inside a ComfyUI
+    monkeypatch.setattr(ch, "__file__", str(tmp_path / "checkouts" / "krea2-nodes" / "tests" / "host" / "comfy_host.py"))
+    assert ch.find_host() == tmp_path / "ComfyUI"
     assert ch.find_old_host() is None
+
+
+def test_pack_inside_custom_nodes_uses_its_grandparent(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setattr(ch, "HOST_DEFAULT", fake_host(tmp_path / "default" / "ComfyUI"))
+    host = fake_host(tmp_path / "mine" / "ComfyUI")
+    pack = host / "custom_nodes" / "krea2-nodes"
+    monkeypatch.setattr(ch, "PACK_ROOT", pack)
+    monkeypatch.setattr(ch, "__file__", str(pack / "tests" / "host" / "comfy_host.py"))
+    assert ch.find_host() == host
 
 
 def test_host_python_order(tmp_path, monkeypatch):

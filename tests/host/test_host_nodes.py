@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_host import PACK_DIRNAME, ExecutionError, PromptError
+from comfy_host import PACK_DIRNAME
+from host_api import ExecutionError, PromptError
 from krea2_model.tiny.lora import STYLES as PATCH_STYLES  # every LoRA style the generator writes
 from tests.host import assets as A
 from tests.ui_to_api import WIDGETS
