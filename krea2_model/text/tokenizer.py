@@ -80,49 +80,59 @@ def _added_tokens(folder: str, vocab: dict) -> list[tuple[int, dict]]:
     return added
 
 
-def tokenizer_from_vocab(folder: str):
-    """A ``tokenizers.Tokenizer`` from Qwen's ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json``):
-    NFC normalisation, the Qwen split regex, byte-level BPE, special tokens from the config."""
-    tk = _import_tokenizers()
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
+def _read_merges(folder: str) -> list:
+    """``merges.txt`` as ``[[left, right], ...]`` in file order (the ``#version`` header skipped)."""
+    path = os.path.join(folder, "merges.txt")
+    merges = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if line and not line.startswith("#version"):
+                pair = line.split(" ")
+                if len(pair) != 2:
+                    raise TokenizerNotFoundError(f"{path}: line {n} ({line!r}) is not a merge 'left right'.")
+                merges.append(pair)
+    return merges
 
+
+def tokenizer_from_vocab(folder: str):
+    """A ``tokenizers.Tokenizer`` for Qwen's ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json``).
+
+    Qwen ships the same tokenizer as one ``tokenizer.json`` document; this writes that document from the
+    three files (byte-level BPE over Qwen's split pattern after NFC, the special tokens at their ids) and
+    has ``tokenizers`` read it, so both ways of shipping it give one tokenizer."""
+    tk = _import_tokenizers()
     try:
         with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
             vocab = json.load(f)
     except (OSError, ValueError) as e:
         raise TokenizerNotFoundError(f"{folder}: unreadable vocab.json ({e}).") from None
-    merges = []
-    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\r\n")
-            if not line or line.startswith("#version"):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise TokenizerNotFoundError(f"{folder}: merges.txt line {line!r} is not 'left right'.")
-            merges.append((parts[0], parts[1]))
     added = _added_tokens(folder, vocab)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    document = {
+        "version": "1.0", "truncation": None, "padding": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": t["content"], "single_word": t.get("single_word", False),
+                          "lstrip": t.get("lstrip", False), "rstrip": t.get("rstrip", False),
+                          "normalized": t.get("normalized", False), "special": t.get("special", True)}
+                         for i, t in added],
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+            byte_level]},
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": _read_merges(folder)},
+    }
     try:
-        tok = tk.Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+        tok = tk.Tokenizer.from_str(json.dumps(document))
     except Exception as e:  # tokenizers raises a bare Exception
         raise TokenizerNotFoundError(f"{folder}: vocab.json and merges.txt do not form a BPE tokenizer ({e}).") from None
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    for i, spec in added:
-        t = AddedToken(spec["content"], single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
-                       rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", False),
-                       special=spec.get("special", True))
-        tok.add_special_tokens([t]) if spec.get("special", True) else tok.add_tokens([t])
-        got = tok.token_to_id(spec["content"])
+    for i, t in added:
+        got = tok.token_to_id(t["content"])
         if got != i:
             raise TokenizerNotFoundError(
-                f"{folder}: tokenizer_config.json gives '{spec['content']}' id {i} but it lands at {got} after the "
+                f"{folder}: tokenizer_config.json gives '{t['content']}' id {i} but it lands at {got} after the "
                 f"{len(vocab)}-entry vocab.json; the tokenizer files do not belong together.")
     return tok
 
