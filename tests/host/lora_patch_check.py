@@ -5,7 +5,7 @@
 ``spec.json``: ``{"pack_parent", "pack_name", "model", "loras": {style: path}, "stack": [path, path]}``, and
 optionally ``"core_model"`` (a file core's own loader reads as native Krea 2) with ``"core_lora"`` and
 ``"core_ctx_width"`` (its conditioning width).
-Prints one JSON line of measurements; ``tests/host/test_host_lora_patching.py`` asserts on it.
+Prints one JSON line of measurements; ``tests/host/test_host_nodes.py`` (``patch_check``) asserts on it.
 
 For each weight dtype (fp32 file as is, fp8_e4m3fn storage) and each LoRA: the patched model's output
 through ``Krea2LoraLoader``'s path (``nodes.host.lora.apply_lora`` + ``load_models_gpu``) against the same
