@@ -289,6 +289,22 @@ def test_clip_load_sd_refuses_partial_or_foreign_dicts_and_weight_syntax_is_name
     assert res["plain_warnings"] == []
 
 
+def test_type_error_inside_a_host_call_is_not_taken_for_an_old_signature(h, tmp_path):
+    """The loader asked host functions with try/except TypeError whether they take a newer argument, so a
+    TypeError raised inside the call was swallowed and the call repeated without it. Now it reads the
+    signature once and a TypeError from inside reaches the caller."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
+                                "model": os.path.join(h.models_dir, "diffusion_models", A.TURBO)}))
+    r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", "loader_check.py"), str(spec)],
+                       capture_output=True, text=True, timeout=600, cwd=h.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["plain"] in ("HostKrea2Transformer", "Krea2Transformer")
+    assert res["inner_type_error"] == "raised inside set_inference_dtype", res
+    assert len(res["calls"]) == 1  # called once, not retried
+
+
 def test_conditioning_of_the_wrong_width_is_explained(h):
     wf = small(load_api("krea2_turbo_text_to_image.json"))
     nodes_of(wf, "Krea2TextEncode")[0][1]["inputs"]["taps"] = "2,5"  # 2 taps instead of 12
