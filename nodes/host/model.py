@@ -9,7 +9,6 @@ offload devices, so low-VRAM partial loading, LoRA patching and unloading work a
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 
@@ -19,6 +18,7 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 
@@ -31,23 +31,67 @@ log = logging.getLogger("krea2")
 WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 
 
+class HostKrea2Transformer(Krea2Transformer):
+    """Our transformer as the host's diffusion model: ``forward`` runs ``_forward`` through ComfyUI's
+    DIFFUSION_MODEL wrapper chain (EasyCache, FluxKVCache, community wrappers), with native Krea 2's
+    argument order ``(x, timesteps, context, attention_mask, ref_latents, transformer_options, **kwargs)``:
+    wrappers read ``x`` first and ``transformer_options`` last. Every other host hook (patches, block
+    replacement, references) is plain data in ``transformer_options`` / kwargs, read by ``_forward``."""
+
+    def forward(self, x, timesteps, context, attention_mask=None, ref_latents=None, transformer_options=None,
+                **kwargs):
+        opts = {} if transformer_options is None else transformer_options
+        ext = comfy.patcher_extension
+        wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, opts)
+        run = ext.WrapperExecutor.new_class_executor(self._forward, self, wrappers)
+        return run.execute(x, timesteps, context, attention_mask, ref_latents, opts, **kwargs)
+
+
 def _unet(krea2_config: dict, dtype=None, device=None, operations=None, **_ignored):
     """What ``BaseModel`` calls as ``unet_model(**unet_config, device=..., operations=...)``."""
-    return Krea2Transformer(Krea2Config(**krea2_config), dtype=dtype, device=device, operations=operations)
+    return HostKrea2Transformer(Krea2Config(**krea2_config), dtype=dtype, device=device, operations=operations)
 
 
 class Krea2BaseModel(comfy.model_base.BaseModel):
-    """Flow model (sigma in [0, 1], velocity) around our transformer; conditioning via ``c_crossattn``."""
+    """Flow model (sigma in [0, 1], velocity) around our transformer; conditioning via ``c_crossattn``,
+    reference images via ``reference_latents`` + ``reference_latents_method`` (core's ReferenceLatent and
+    FluxKontextMultiReferenceLatentMethod), handed to the transformer as ``ref_latents`` /
+    ``ref_latents_method`` the way core hands them to its native Krea 2."""
 
     def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLUX, device=None):
         super().__init__(model_config, model_type, device=device, unet_model=_unet)
+        # the sampler's memory estimate counts reference tokens too (see extra_conds_shapes)
+        self.memory_usage_factor_conds = ("ref_latents",)
+        self._warned_no_method = False
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
         cross_attn = kwargs.get("cross_attn", None)
         if cross_attn is not None:
             out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+        refs = kwargs.get("reference_latents", None)
+        if refs:
+            method = kwargs.get("reference_latents_method", None)
+            if method is None:
+                # Native Krea 2 has no default method and ignores such references; so do we, but say so.
+                if not self._warned_no_method:
+                    self._warned_no_method = True
+                    log.warning("Krea 2: %d reference latent(s) in the conditioning are ignored: Krea 2 needs a "
+                                "reference method. Add FluxKontextMultiReferenceLatentMethod after ReferenceLatent "
+                                "(index_timestep_zero for style references, index for identity edits).", len(refs))
+            else:
+                out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in refs])
+                out["ref_latents_method"] = comfy.conds.CONDConstant(method)
         return out
+
+    def extra_conds_shapes(self, **kwargs):
+        """Reference latents as one ``[1, 16, elements / 16]`` shape, the form the host's memory estimate
+        (``memory_required``) sums alongside the noise latent."""
+        refs = kwargs.get("reference_latents", None)
+        if not refs or kwargs.get("reference_latents_method", None) is None:
+            return {}
+        ch = self.latent_format.latent_channels
+        return {"ref_latents": [1, ch, sum(r.numel() for r in refs) // ch]}
 
 
 class Krea2ModelConfig(comfy.supported_models_base.BASE):
@@ -98,7 +142,7 @@ def _read_canonical(ck: CanonicalCheckpoint):
     host supports it, like core's UNET loader), shard by shard for folders."""
     files = {}
     for name in list(ck.keymap.values()) + list(ck.aux.values()):
-        files.setdefault(_owner(ck, name), []).append(name)
+        files.setdefault(ck.src.file_of(name), []).append(name)
     raw, metadata = {}, ck.src.metadata or None
     pbar = comfy.utils.ProgressBar(len(files))
     for f in files:
@@ -113,26 +157,12 @@ def _read_canonical(ck: CanonicalCheckpoint):
     return sd, metadata
 
 
-def _owner(ck: CanonicalCheckpoint, key: str) -> str:
-    """The file holding ``key``: the checkpoint itself, or its shard in a folder (from the index)."""
-    if os.path.isfile(ck.where):
-        return ck.where
-    index = getattr(ck, "_shard_index", None)
-    if index is None:
-        index = {}
-        for name in os.listdir(ck.where):
-            if name.endswith(".safetensors.index.json"):
-                with open(os.path.join(ck.where, name)) as f:
-                    index.update({k: os.path.join(ck.where, v) for k, v in json.load(f)["weight_map"].items()})
-        if not index:  # a folder with one .safetensors file
-            single = [n for n in os.listdir(ck.where) if n.endswith(".safetensors")]
-            index = {k: os.path.join(ck.where, single[0]) for k in ck.src.keys()}
-        ck._shard_index = index
-    return index[key]
-
-
 def load_model(path: str, weight_dtype: str = "default", model_options: dict | None = None):
     """Load a Krea 2 transformer file or diffusers folder into a ComfyUI ``ModelPatcher``."""
+    from ...krea2_model.formats.gguf import is_gguf
+    if is_gguf(path):  # weights stay quantized, dequantized at cast time: see nodes.host.gguf
+        from .gguf import load_gguf_model
+        return load_gguf_model(path, weight_dtype, model_options)
     opts = dict(model_options or {})
     opts.update(weight_dtype_options(weight_dtype))
     ck = CanonicalCheckpoint(path)          # validates layout, shapes, completeness (typed errors)

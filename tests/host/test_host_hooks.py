@@ -1,0 +1,243 @@
+"""Core nodes that hook a Krea 2 MODEL act on ours exactly as on native's (issue 13; host tier, ComfyUI with
+native Krea 2).
+
+Each case runs one graph four times: native's MODEL (core's UNETLoader) and ours (Krea2ModelLoader) on the
+same fp32 weights, each with and without the node under test, same prompts, seed and schedule. The final
+latents of ours and native's agree within 1e-5, and the node moves each side's latent (so no case passes
+because both sides ignore the node). SkipLayerGuidanceDiT (block replacement, which native lacks) changes
+ours, equals a hand-written skip of the blocks, and leaves native unchanged.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_host import PACK_DIRNAME
+from krea2_model.tiny import transformer as tiny
+from tests.host import assets as A
+from tests.host.test_host_nodes import ROOT, SIZE, read_latent, rel, run, saved
+
+pytestmark = pytest.mark.host
+
+STEPS, SEED = 6, 5
+MERGE_B = "krea2_interop_b.safetensors"  # the interop config, other weights: the second model of a merge
+REF_A = "krea2_ref_a.latent"              # the target's size
+REF_B = "krea2_ref_b.latent"              # another, odd size (padded to the patch)
+MOVED = {}                                # case -> (moved ours, moved native, ours vs native): the report
+
+
+@pytest.fixture(scope="module")
+def nh(host):
+    if not host.native_krea2:
+        pytest.skip(f"ComfyUI {host.version} has no native Krea 2")
+    host.root = str(host.comfy_dir)
+    host.pack_dir = str(host.custom_nodes_dir / PACK_DIRNAME)
+    if not getattr(host, "_krea2_interop", None):
+        host._krea2_interop = A.make_interop_assets(str(host.models_dir))
+    if not getattr(host, "_krea2_hooks", None):
+        tiny.write(tiny.random_state_dict(A.INTEROP_CFG, 23), os.path.join(host.models_dir, "diffusion_models",
+                                                                            MERGE_B), "comfy")
+        g = torch.Generator().manual_seed(31)
+        for name, (h, w) in ((REF_A, (SIZE // 8, SIZE // 8)), (REF_B, (11, 9))):
+            # raw VAE-space latents (ReferenceLatent passes them on; the model maps them in)
+            save_file({"latent_tensor": torch.randn(1, 16, 1, h, w, generator=g) * 0.5,
+                       "latent_format_version_0": torch.tensor([])}, str(host.input_dir / name))
+        host._krea2_hooks = True
+    return host
+
+
+def loader(side, name=A.INTEROP):
+    if side == "native":
+        return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+    return {"class_type": "Krea2ModelLoader", "inputs": {"model_name": name, "weight_dtype": "default"}}
+
+
+NEGATIVE = "blurry, low quality, oversaturated colours"
+# NAG needs cond and uncond in one batch: core batches prompts whose token counts are within a small ratio
+# (it repeats the shorter one), so its negative has the positive's token count.
+NAG_NEGATIVE = "a lighthouse on a cliff at night"
+
+
+def graph(side, prefix, model_nodes=(), cond_nodes=(), cfg=1.0, batch=1, extra=None, negative=NEGATIVE,
+          negative_refs=False):
+    """Turbo schedule, our text encoder; ``model_nodes`` / ``cond_nodes``: ``(class, inputs[, model input
+    name])`` chained after the model sampling node / the positive prompt (their ``model`` /
+    ``conditioning`` input is filled in); ``negative_refs``: the same cond nodes on the negative too."""
+    enc = (lambda t: {"class_type": "Krea2TextEncode", "inputs": {"clip": ["2", 0], "text": t}})
+    g = {"1": loader(side),
+         "2": {"class_type": "Krea2TextEncoderLoader", "inputs": {"text_encoder_name": A.INTEROP_TEXT}},
+         "3": enc("a lighthouse on a cliff at sunset"),
+         "4": enc(negative),
+         "5": {"class_type": "Krea2ModelSampling", "inputs": {"model": ["1", 0], "variant": "turbo", "width": SIZE,
+                                                             "height": SIZE}},
+         "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": batch}}}
+    g.update(extra(side) if extra else {})
+    model, pos, neg = ["5", 0], ["3", 0], ["4", 0]
+    for i, (cls, inputs, *key) in enumerate(model_nodes):
+        g[f"m{i}"] = {"class_type": cls, "inputs": {(key[0] if key else "model"): model, **inputs}}
+        model = [f"m{i}", 0]
+    for i, (cls, inputs) in enumerate(cond_nodes):
+        g[f"c{i}"] = {"class_type": cls, "inputs": {"conditioning": pos, **inputs}}
+        pos = [f"c{i}", 0]
+        if negative_refs:
+            g[f"n{i}"] = {"class_type": cls, "inputs": {"conditioning": neg, **inputs}}
+            neg = [f"n{i}", 0]
+    g["7"] = {"class_type": "KSampler", "inputs": {"model": model, "seed": SEED, "steps": STEPS, "cfg": cfg,
+                                                  "sampler_name": "euler", "scheduler": "simple", "positive": pos,
+                                                  "negative": neg, "latent_image": ["6", 0], "denoise": 1.0}}
+    g["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}}
+    return g
+
+
+_PLAIN = {}
+
+
+def final(host, side, prefix, **kw):
+    run(host, graph(side, prefix, **kw))
+    return read_latent(saved(host, prefix, ".latent"))
+
+
+def plain(host, side, cfg=1.0, batch=1, negative=NEGATIVE):
+    key = (side, cfg, batch, negative)
+    if key not in _PLAIN:
+        _PLAIN[key] = final(host, side, f"hooks_plain_{side}_{len(_PLAIN)}", cfg=cfg, batch=batch, negative=negative)
+    return _PLAIN[key]
+
+
+def check_case(host, case, min_move=1e-3, base_kw=None, **kw):
+    """Ours == native within 1e-5 with the node; the node moves both sides by more than ``min_move``
+    against the same graph without it (``base_kw``: that graph's arguments, default the plain graph)."""
+    got = {side: final(host, side, f"hooks_{case}_{side}", **kw) for side in ("ours", "native")}
+    if base_kw is None:
+        base = {side: plain(host, side, kw.get("cfg", 1.0), kw.get("batch", 1), kw.get("negative", NEGATIVE))
+                for side in ("ours", "native")}
+    else:
+        base = {side: final(host, side, f"hooks_{case}_base_{side}", **base_kw) for side in ("ours", "native")}
+    moved = {side: rel(got[side], base[side]) for side in got}
+    MOVED[case] = (moved["ours"], moved["native"], rel(got["ours"], got["native"]))
+    print(f"{case}: ours vs native {MOVED[case][2]:.2e}; moved ours {moved['ours']:.3f}, native {moved['native']:.3f}")
+    assert rel(base["ours"], base["native"]) <= 1e-5
+    assert rel(got["ours"], got["native"]) <= 1e-5, MOVED[case]
+    assert moved["native"] > min_move and moved["ours"] > min_move, MOVED[case]
+    return got
+
+
+# -- wrappers (DIFFUSION_MODEL) and sampler-level caches --------------------------------------------------
+
+
+def test_easycache_acts_on_ours_as_on_native(nh):
+    check_case(nh, "easycache", model_nodes=[("EasyCache", {"reuse_threshold": 3.0, "start_percent": 0.0,
+                                                            "end_percent": 1.0, "verbose": False})])
+
+
+def test_lazycache_acts_on_ours_as_on_native(nh):
+    check_case(nh, "lazycache", model_nodes=[("LazyCache", {"reuse_threshold": 3.0, "start_percent": 0.0,
+                                                            "end_percent": 1.0, "verbose": False})])
+
+
+# -- reference latents ------------------------------------------------------------------------------------
+
+
+def refs(*names_and_method):
+    *names, method = names_and_method
+    nodes = [("ReferenceLatent", {"latent": [f"L{i}", 0]}) for i in range(len(names))]
+    return nodes + [("FluxKontextMultiReferenceLatentMethod", {"reference_latents_method": method})]
+
+
+def ref_loaders(*names):
+    return lambda side: {f"L{i}": {"class_type": "LoadLatent", "inputs": {"latent": n}} for i, n in enumerate(names)}
+
+
+_BY_METHOD = {}
+
+
+@pytest.mark.parametrize("method", ["index", "index_timestep_zero"])
+def test_reference_latent_acts_on_ours_as_on_native(nh, method):
+    got = check_case(nh, f"ref_{method}", cond_nodes=refs(REF_A, method), extra=ref_loaders(REF_A))
+    _BY_METHOD[method] = got
+    if len(_BY_METHOD) == 2:  # t = 0 on the reference tokens is not the real t, on both sides
+        for side in ("ours", "native"):
+            assert rel(_BY_METHOD["index"][side], _BY_METHOD["index_timestep_zero"][side]) > 1e-4
+
+
+def test_two_references_of_different_sizes(nh):
+    check_case(nh, "ref_two_sizes", cond_nodes=refs(REF_A, REF_B, "index_timestep_zero"),
+               extra=ref_loaders(REF_A, REF_B))
+
+
+def test_references_with_batch_two(nh):
+    check_case(nh, "ref_batch2", batch=2, cond_nodes=refs(REF_B, "index"), extra=ref_loaders(REF_B))
+
+
+def test_references_without_a_method_are_ignored_with_one_warning(nh):
+    nodes = [("ReferenceLatent", {"latent": ["L0", 0]})]
+    before = nh.log_text().count("FluxKontextMultiReferenceLatentMethod")
+    # (one warning per loaded model: the host drops a loader's output once a graph without it runs)
+    got = {"ours": final(nh, "ours", "hooks_ref_nomethod_ours", cond_nodes=nodes, extra=ref_loaders(REF_A))}
+    final(nh, "ours", "hooks_ref_nomethod_again", cond_nodes=nodes, extra=ref_loaders(REF_A), cfg=1.01)
+    warned = nh.log_text().count("FluxKontextMultiReferenceLatentMethod") - before
+    got["native"] = final(nh, "native", "hooks_ref_nomethod_native", cond_nodes=nodes, extra=ref_loaders(REF_A))
+    assert torch.equal(got["ours"], plain(nh, "ours")) and torch.equal(got["native"], plain(nh, "native"))
+    assert warned == 1
+
+
+# -- attention patches ------------------------------------------------------------------------------------
+
+
+NAG = [("NAGuidance", {"nag_scale": 5.0, "nag_alpha": 0.5, "nag_tau": 1.5})]
+
+
+def test_naguidance_at_cfg_1_acts_on_ours_as_on_native(nh):
+    check_case(nh, "nag", model_nodes=NAG, negative=NAG_NEGATIVE)
+
+
+def test_naguidance_with_references_on_both_prompts(nh):
+    """img_slice covers target + references; both prompts carry the reference, so they batch together."""
+    kw = dict(cond_nodes=refs(REF_A, "index_timestep_zero"), extra=ref_loaders(REF_A), negative=NAG_NEGATIVE,
+              negative_refs=True)
+    check_case(nh, "nag_ref", model_nodes=NAG, base_kw=kw, **kw)
+
+
+# -- merging ----------------------------------------------------------------------------------------------
+
+
+def test_model_merge_krea2_acts_on_ours_as_on_native(nh):
+    ratios = {k: 0.5 for k in nh.object_info("ModelMergeKrea2")["ModelMergeKrea2"]["input"]["required"]
+              if k not in ("model1", "model2")}
+    check_case(nh, "merge", model_nodes=[("ModelMergeKrea2", {"model2": ["1b", 0], **ratios}, "model1")],
+               extra=lambda side: {"1b": loader(side, MERGE_B)})
+
+
+# -- block replacement: beyond native ---------------------------------------------------------------------
+
+
+def test_skip_layer_guidance_acts_on_ours_and_equals_a_hand_written_skip(nh, tmp_path):
+    slg = [("SkipLayerGuidanceDiT", {"double_layers": "", "single_layers": "1", "scale": 3.0, "start_percent": 0.0,
+                                     "end_percent": 1.0, "rescaling_scale": 0.0})]
+    cfg = 2.0
+    ours = final(nh, "ours", "hooks_slg_ours", model_nodes=slg, cfg=cfg)
+    native = final(nh, "native", "hooks_slg_native", model_nodes=slg, cfg=cfg)
+    spec = {"transformer": os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
+            "text_encoder": os.path.join(nh.models_dir, "text_encoders", A.INTEROP_TEXT),
+            "tokenizer": os.path.join(nh.root, "comfy", "text_encoders", "qwen25_tokenizer"),
+            "comfy_root": nh.root, "prompt": "a lighthouse on a cliff at sunset",
+            "negative": "blurry, low quality, oversaturated colours", "seed": SEED, "steps": STEPS, "cfg": cfg,
+            "variant": "turbo", "width": SIZE, "height": SIZE, "skip": [1], "scale": 3.0}
+    sp, out = tmp_path / "spec.json", tmp_path / "slg.safetensors"
+    sp.write_text(json.dumps(spec))
+    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "hooks_reference.py"), str(sp), str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=nh.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    from safetensors.torch import load_file
+    hand = load_file(str(out))["latent"].float()
+    moved_ours, moved_native = rel(ours, plain(nh, "ours", cfg)), rel(native, plain(nh, "native", cfg))
+    MOVED["slg"] = (moved_ours, moved_native, rel(ours, hand))
+    print(f"slg: ours vs hand-written skip {rel(ours, hand):.2e}; moved ours {moved_ours:.3f}, "
+          f"native {moved_native:.2e}")
+    assert rel(ours, hand) <= 1e-5
+    assert moved_ours > 1e-2
+    assert moved_native <= 1e-5  # native Krea 2 has no block replacement: the node does nothing there
