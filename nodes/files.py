@@ -1,4 +1,5 @@
-"""Model files and folders as ComfyUI lists them: ``folder_paths`` entries plus diffusers / HF folders."""
+"""Model files and folders as ComfyUI lists them: ``folder_paths`` entries plus ``.gguf`` files and diffusers / HF
+folders."""
 
 from __future__ import annotations
 
@@ -29,9 +30,23 @@ def _folder_entries(kind: str) -> list[str]:
     return out
 
 
+def _gguf_files(kind: str) -> list[str]:
+    """``.gguf`` files under ``kind``'s search paths (the host lists only its own extensions; for
+    ``diffusion_models`` these paths include ``models/unet``), as paths relative to their folder."""
+    out = []
+    for base in folder_paths.get_folder_paths(kind):
+        if not os.path.isdir(base):
+            continue
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            for f in files:
+                if f.lower().endswith(".gguf"):
+                    out.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
+    return out
+
+
 def list_files(kind: str) -> list[str]:
     # every file the host lists, pickles included: choosing one gets a clear refusal, not a silent gap
-    return sorted(set(folder_paths.get_filename_list(kind))) + _folder_entries(kind)
+    return sorted(set(folder_paths.get_filename_list(kind)) | set(_gguf_files(kind))) + _folder_entries(kind)
 
 
 def resolve(kind: str, name: str) -> str:

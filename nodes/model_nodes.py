@@ -21,10 +21,12 @@ class Krea2ModelLoader(io.ComfyNode):
         return io.Schema(
             node_id="Krea2ModelLoader", display_name="Load Krea 2 Model", category=CATEGORY,
             description="Loads a Krea 2 transformer (Raw or Turbo) in any layout: Krea's file, ComfyUI repacks "
-                        "(bf16, fp8_scaled, quantized), diffusers files and folders.",
+                        "(bf16, fp8_scaled, quantized), diffusers files and folders, GGUF files (kept quantized in "
+                        "memory, dequantized per layer; needs the gguf package).",
             inputs=[
                 io.Combo.Input("model_name", options=list_files("diffusion_models"),
-                               tooltip="A file or diffusers folder from models/diffusion_models."),
+                               tooltip="A file (.safetensors or .gguf) or diffusers folder from models/diffusion_models "
+                                       "(or models/unet)."),
                 io.Combo.Input("weight_dtype", options=host_model.WEIGHT_DTYPES, default="default",
                                tooltip="Storage dtype of the weights, as core's Load Diffusion Model."),
             ],

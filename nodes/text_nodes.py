@@ -31,9 +31,11 @@ class Krea2TextEncoderLoader(io.ComfyNode):
         return io.Schema(
             node_id="Krea2TextEncoderLoader", display_name="Load Krea 2 Text Encoder", category=CATEGORY,
             description="Loads Qwen3-VL-4B for Krea 2: ComfyUI's full VL files (vision tower ignored), text-only "
-                        "files, fp8_scaled files and Hugging Face folders from models/text_encoders.",
+                        "files, fp8_scaled files, Hugging Face folders and llama.cpp GGUF text-model files (kept "
+                        "quantized in memory; needs the gguf package) from models/text_encoders.",
             inputs=[io.Combo.Input("text_encoder_name", options=list_files("text_encoders"),
-                                   tooltip="qwen3vl_4b_bf16 / qwen3vl_4b_fp8_scaled, or an HF folder.")],
+                                   tooltip="qwen3vl_4b_bf16 / qwen3vl_4b_fp8_scaled, a Qwen3-VL-4B GGUF, or an HF "
+                                           "folder.")],
             outputs=[io.Clip.Output()],
         )
 

@@ -1,0 +1,184 @@
+"""Host adapter: GGUF Krea 2 transformers and Qwen3-VL text encoders as ComfyUI MODEL / CLIP.
+
+Block-quantized weights stay as their GGUF bytes (``krea2_model.formats.gguf``); the layers are the
+host's own ``comfy.ops.manual_cast`` classes with one change: a layer holding GGUF blocks dequantizes
+them at cast time, on the device and in the dtype of the input, and then runs the host's
+``weight_function`` / ``bias_function`` hooks on the fresh compute copy, as ``comfy.ops`` does for any
+cast weight. So ComfyUI's offloading and low-VRAM partial loading move the quantized bytes, and LoRA
+patches (our cast-time ``Krea2ModelPatcher`` path, and ComfyUI's own ``LowVramPatch``) apply after
+dequantization on every call; the stored bytes are never rewritten, so unpatching is exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+import comfy.supported_models_base
+import comfy.utils
+
+from ...krea2_model import CanonicalCheckpoint
+from ...krea2_model.errors import Krea2Error
+from ...krea2_model.formats.gguf import place_tensor
+from ...krea2_model.formats.gguf_dequant import dequantize
+from ...krea2_model.formats.text_file import TextCheckpoint
+from .patcher import Krea2ModelPatcher
+
+log = logging.getLogger("krea2")
+
+_run_every_op = getattr(comfy.ops, "run_every_op", None)
+
+
+def _dequant_weight(m, x):
+    raw = m.weight
+    if raw.device != x.device:
+        raw = raw.to(x.device, non_blocking=mm.device_supports_non_blocking(x.device))
+    return dequantize(raw, m.gguf_qtype, m.gguf_shape, x.dtype)
+
+
+def _bias(m, dtype, device):
+    b = m.bias
+    if b is None:
+        return None
+    fns = getattr(m, "bias_function", ())
+    b = b.to(device=device, dtype=dtype, copy=bool(fns))
+    for f in fns:
+        b = f(b)
+    return b
+
+
+def _hooked(m, w):
+    for f in getattr(m, "weight_function", ()):
+        w = f(w)  # LoRA and other weight patches, on the dequantized compute copy
+    return w
+
+
+def host_gguf_ops(base=None):
+    """An operations namespace: the host's ``base`` (default ``comfy.ops.manual_cast``) with GGUF-aware
+    ``Linear`` and ``Embedding`` (``gguf_capable``; see the module docstring)."""
+    base = base or comfy.ops.manual_cast
+    cached = _OPS.get(base)
+    if cached is not None:
+        return cached
+
+    class Linear(base.Linear):
+        gguf_capable = True
+        gguf_qtype = None
+        gguf_shape = None
+
+        def forward(self, *args, **kwargs):
+            if self.gguf_qtype is None:
+                return super().forward(*args, **kwargs)
+            if _run_every_op is not None:
+                _run_every_op()
+            x = args[0]
+            w = _hooked(self, _dequant_weight(self, x))
+            return F.linear(x, w, _bias(self, x.dtype, x.device))
+
+    class Embedding(base.Embedding):
+        gguf_capable = True
+        gguf_qtype = None
+        gguf_shape = None
+
+        def forward(self, ids, out_dtype=None, **kwargs):
+            if self.gguf_qtype is None:
+                return super().forward(ids, **({"out_dtype": out_dtype} if out_dtype is not None else {}), **kwargs)
+            if getattr(self, "weight_function", None):
+                # a patched embedding: dequantize the whole table, patch it, then look up
+                w = _hooked(self, dequantize(self.weight.to(ids.device), self.gguf_qtype, self.gguf_shape))
+                return F.embedding(ids, w).to(out_dtype or torch.float32)
+            flat = ids.reshape(-1).to(self.weight.device)
+            rows = self.weight.index_select(0, flat).to(ids.device)
+            out = dequantize(rows, self.gguf_qtype, (flat.numel(), self.gguf_shape[1]), out_dtype or torch.float32)
+            return out.reshape(*ids.shape, self.gguf_shape[1])
+
+    ns = type("GGUF" + base.__name__, (base,), {"gguf_capable": True, "Linear": Linear, "Embedding": Embedding})
+    _OPS[base] = ns
+    return ns
+
+
+_OPS: dict = {}
+
+
+class Krea2GGUFPatcher(Krea2ModelPatcher):
+    """:class:`Krea2ModelPatcher` that applies every Linear weight patch at cast time whatever the devices:
+    a GGUF weight's stored bytes cannot take a patch, so ComfyUI's patch-and-backup is never used for them
+    (checkpoint saving with baked-in patches is not offered for GGUF models)."""
+
+    def _krea2_cast_time(self) -> bool:
+        return True
+
+
+def _takes(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def load_gguf_model(path: str, weight_dtype: str = "default", model_options: dict | None = None):
+    """A Krea 2 transformer GGUF -> ComfyUI ``ModelPatcher`` with block-quantized weights kept packed."""
+    from .model import Krea2ModelConfig, weight_dtype_options
+
+    opts = dict(model_options or {})
+    if weight_dtype != "default":
+        weight_dtype_options(weight_dtype)  # validates the name
+        log.warning("Krea 2: weight_dtype %s is not used for %s: GGUF weights stay in the file's quantized types "
+                    "(dequantized per layer at run time).", weight_dtype, os.path.basename(path))
+    ck = CanonicalCheckpoint(path)  # GGUF: reads the header and checks names and shapes (typed errors)
+    ck.report_extra()
+    model_config = Krea2ModelConfig({"image_model": "krea2_pack", "krea2_config": ck.config.to_dict()})
+    load_device = opts.get("load_device", mm.get_torch_device())
+    offload_device = opts.get("offload_device", mm.unet_offload_device())
+    n_params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
+    unet_dtype = mm.unet_dtype(model_params=n_params, supported_dtypes=model_config.supported_inference_dtypes)
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    if _takes(model_config.set_inference_dtype, "device"):
+        model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+    else:
+        model_config.set_inference_dtype(unet_dtype, manual_cast)
+    model_config.custom_operations = host_gguf_ops(comfy.ops.manual_cast)
+    model = model_config.get_model({}, "")
+    dm = model.diffusion_model
+    params = dict(dm.named_parameters())
+    packed = 0
+    pbar = comfy.utils.ProgressBar(len(ck.keys()))
+    for k in ck.keys():
+        p = params[k]
+        target = torch.float32 if k.endswith(".scale") else p.dtype
+        packed += place_tensor(dm, k, ck.src.packed(ck.keymap[k]), ck.shape(k), target, "cpu", ck.where)
+        pbar.update(1)
+    patcher = Krea2GGUFPatcher(model, load_device=load_device, offload_device=offload_device)
+    if not mm.is_device_cpu(offload_device):
+        model.to(offload_device)
+    log.info("Krea 2: loaded %s (GGUF, hidden %d, %d blocks, %d of %d tensors kept quantized, compute %s)",
+             os.path.basename(path), ck.config.hidden, ck.config.layers, packed, len(ck.keys()),
+             manual_cast or unet_dtype)
+    return patcher
+
+
+def load_gguf_clip(ck: TextCheckpoint, target, n_params: int):
+    """A Qwen3-VL text-model GGUF (its :class:`TextCheckpoint`) -> ComfyUI CLIP built from ``target`` (the
+    ``ClipTarget`` ``nodes.host.clip.load_clip`` makes), block-quantized weights kept packed."""
+    path = ck.where
+    kwargs = {"disable_dynamic": True} if _takes(comfy.sd.CLIP.__init__, "disable_dynamic") else {}
+    clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=n_params,
+                         model_options={"custom_operations": host_gguf_ops(comfy.ops.manual_cast)}, **kwargs)
+    tower = clip.cond_stage_model.transformer
+    params = dict(tower.named_parameters())
+    missing = [k for k in ck.keys() if k not in params]
+    if missing:
+        raise Krea2Error(f"{path}: text encoder tensors without a place in the model: {missing[:5]}")
+    packed = 0
+    for k in ck.keys():
+        p = params[k]
+        packed += place_tensor(tower, k, ck.src.packed(ck.keymap[k]), ck.shape(k), p.dtype, p.device, ck.where)
+    log.info("Krea 2: text encoder %s (GGUF, %d layers, hidden %d, %d of %d tensors kept quantized)",
+             os.path.basename(path), ck.config.layers, ck.config.hidden, packed, len(ck.keys()))
+    return clip
