@@ -241,3 +241,71 @@ def test_skip_layer_guidance_acts_on_ours_and_equals_a_hand_written_skip(nh, tmp
     assert rel(ours, hand) <= 1e-5
     assert moved_ours > 1e-2
     assert moved_native <= 1e-5  # native Krea 2 has no block replacement: the node does nothing there
+
+
+# -- what the hooks are given, and the memory estimate (in-process) --------------------------------------
+
+
+def test_wrapper_and_patch_see_what_native_gives_them_and_memory_counts_references(nh, tmp_path):
+    """hooks_check.py: a recording DIFFUSION_MODEL wrapper and attn1_output_patch on both MODELs, one
+    reference (index_timestep_zero), cond + uncond in one batch."""
+    c = A.INTEROP_CFG
+    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
+            "model": os.path.join(nh.models_dir, "diffusion_models", A.INTEROP), "ctx_width": c.text_taps * c.text_dim}
+    sp = tmp_path / "spec.json"
+    sp.write_text(json.dumps(spec))
+    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "hooks_check.py"), str(sp)],
+                       capture_output=True, text=True, timeout=600, cwd=nh.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    ours, native = res["ours"], res["native"]
+    assert ours["class"] == "HostKrea2Transformer"
+    assert ours["rec"]["wrapper_calls"] == native["rec"]["wrapper_calls"] == 2  # one batched call per step
+    assert ours["rec"]["wrapper_args"] == native["rec"]["wrapper_args"]
+    assert ours["rec"]["wrapper_args"][1]  # transformer_options last, as EasyCache reads it
+    assert ours["rec"]["patch"] == native["rec"]["patch"]
+    first = ours["rec"]["patch"][0]
+    assert first["img_slice"] == [9, first["L"]] and first["L"] == 9 + 16 + 15  # text | target | reference
+    assert sorted(first["cond_or_uncond"]) == [0, 1] and first["uuids"] == 2
+    assert ours["memory"] == native["memory"] and ours["memory"]["ref"] > ours["memory"]["plain"]
+    assert rel(torch.tensor(ours["latent"]), torch.tensor(native["latent"])) <= 1e-5
+
+
+# -- a host without native Krea 2 (0.3.64): the nodes it has act on ours ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def oh(host_old):
+    if host_old.native_krea2:
+        pytest.skip(f"ComfyUI {host_old.version} has native Krea 2; this case is for hosts without it")
+    host_old.root = str(host_old.comfy_dir)
+    host_old.pack_dir = str(host_old.custom_nodes_dir / PACK_DIRNAME)
+    if not getattr(host_old, "_krea2_interop", None):
+        host_old._krea2_interop = A.make_interop_assets(str(host_old.models_dir))
+        g = torch.Generator().manual_seed(31)
+        save_file({"latent_tensor": torch.randn(1, 16, 1, 11, 9, generator=g) * 0.5,
+                   "latent_format_version_0": torch.tensor([])}, str(host_old.input_dir / REF_B))
+    return host_old
+
+
+def test_old_host_nodes_act_on_ours(oh):
+    info = oh.object_info()
+    base = final(oh, "ours", "old_plain")
+    cases = {"easycache": dict(model_nodes=[("EasyCache", {"reuse_threshold": 3.0, "start_percent": 0.0,
+                                                           "end_percent": 1.0, "verbose": False})]),
+             "ref_index": dict(cond_nodes=refs(REF_B, "index"), extra=ref_loaders(REF_B)),
+             "slg": dict(cfg=2.0, model_nodes=[("SkipLayerGuidanceDiT", {
+                 "double_layers": "", "single_layers": "1", "scale": 3.0, "start_percent": 0.0, "end_percent": 1.0,
+                 "rescaling_scale": 0.0})])}
+    ran = []
+    for case, kw in cases.items():
+        needed = [n[0] for n in kw.get("model_nodes", []) + kw.get("cond_nodes", [])]
+        if not all(n in info for n in needed):
+            continue
+        got = final(oh, "ours", f"old_{case}", **kw)
+        ref = base if kw.get("cfg", 1.0) == 1.0 else final(oh, "ours", f"old_{case}_base", cfg=kw["cfg"])
+        MOVED[f"old_{case}"] = (rel(got, ref), None, None)
+        print(f"old host {oh.version} {case}: moved ours {rel(got, ref):.3f}")
+        assert torch.isfinite(got).all() and rel(got, ref) > 1e-3, case
+        ran.append(case)
+    assert "easycache" in ran and "ref_index" in ran, (oh.version, ran)
