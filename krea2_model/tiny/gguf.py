@@ -7,8 +7,8 @@ Writes ``krea2_<config>_<QTYPE>.gguf`` (Krea's original names, ``general.archite
 ``DIR/tokenizer``), with the ``gguf`` package's ``GGUFWriter``.
 
 How each tensor is stored: ``--qtype`` for every tensor whose rows (the innermost dimension) are a
-multiple of the type's block (32 or 256 elements), else ``--fallback`` (default F32), as llama.cpp's
-quantizer falls back; ``--qtype mixed`` cycles through every type we read, tensor by tensor. Types the
+multiple of the type's block (32 or 256 elements), else ``--fallback`` (default F32; F32 where the fallback does not fit either),
+as llama.cpp's quantizer falls back; ``--qtype mixed`` cycles through every type we read, tensor by tensor. Types the
 ``gguf`` package can quantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are quantized from the random
 float weights. For the K and IQ types, which it cannot quantize, each block is written as random bytes
 whose float16 scale fields (d, and dmin where the type has one) are set so the block's values are of the
@@ -80,7 +80,7 @@ def encode_tensor(t: torch.Tensor, qtype: str, rng: np.random.Generator, fallbac
     x = t.detach().to(torch.float32).contiguous().numpy()
     row = x.shape[-1] if x.ndim else 1
     if row % QTYPES[qtype].block_elems:
-        qtype = fallback
+        qtype = fallback if row % QTYPES[fallback].block_elems == 0 else "F32"
     gt = gguf.GGMLQuantizationType[qtype]
     if qtype == "F32":
         return x, None, qtype

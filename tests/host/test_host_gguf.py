@@ -61,8 +61,16 @@ def _reference(path, rename=lambda n: n):
         tuple(int(x) for x in reversed(list(t.shape)))) for t in r.tensors}
 
 
-@pytest.fixture(scope="module")
-def gh(host):
+@pytest.fixture
+def gh(any_host):
+    """Each host, with the GGUF assets (and the host tier's tiny assets) in its models folder."""
+    host = any_host
+    if getattr(host, "gguf_types", None) is None:
+        _write_assets(host)
+    return host
+
+
+def _write_assets(host):
     r = subprocess.run([host.python, "-c", "import gguf"], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         pytest.skip(f"GGUF host tests skipped: the host's Python ({host.python}) has no 'gguf' package; install it "
@@ -87,7 +95,6 @@ def gh(host):
     if not getattr(host, "_krea2_assets", None):  # the VAE (and the other tiny assets) of the host tier
         host._krea2_assets = A.make_assets(md, host.python, str(host.comfy_dir))
     host.gguf_types = used
-    return host
 
 
 def load_api(name):
@@ -185,6 +192,8 @@ def test_lora_on_gguf_equals_lora_on_the_dequantized_model_and_unpatches_exactly
     run(gh, graph("gguf_ref_lora_2", MODEL_REF, TEXT_REF, loras=[(LORA, 0.8)], seed=4))
     want_plain, want, want2 = (read_latent(saved(gh, p, ".latent"))
                                for p in ("gguf_ref_plain", "gguf_ref_lora_1", "gguf_ref_lora_2"))
+    print(f"GGUF host check: rel plain {rel(plain, want_plain):.2e}, LoRA {rel(got, want):.2e}, "
+          f"LoRA after an unload {rel(got2, want2):.2e}, LoRA effect {rel(got, plain):.2e}")
     assert rel(plain, want_plain) <= 1e-5, rel(plain, want_plain)
     assert rel(got, want) <= 1e-5, rel(got, want)
     assert rel(got2, want2) <= 1e-5, rel(got2, want2)  # the second image, after an unload: no lost patch
