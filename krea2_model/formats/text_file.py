@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Callable
 
@@ -23,6 +24,7 @@ import torch
 
 from ..errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, WrongTextEncoderError, first_names
 from ..text.qwen3 import Qwen3TextConfig, Qwen3TextModel
+from ..text.vision import Qwen3VisionConfig, Qwen3VisionModel, default_deepstack
 from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize
 from .safetensors_io import TensorSource, open_source
 from .tensors import check_tensors, count_indices, module_shapes, set_tensor
@@ -188,6 +190,13 @@ class TextCheckpoint:
                       f"{self.config.heads}/{self.config.kv_heads} heads")
         self.ignored = ignored + [self.keymap[k] for k in shapes if k not in want]
         self._shapes = {k: shapes[k] for k in want}
+        #: the vision tower (:class:`VisionCheckpoint`) when the file has a complete one, else None and
+        #: ``vision_problem`` says what is missing (text encoding never needs it)
+        self.vision, self.vision_problem = find_vision(self.src, keys, self.where, self.config.hidden,
+                                                       _read_hf_vision_config(source) if not gguf else {})
+        if self.vision is not None:
+            self.ignored = [k for k in self.ignored if k not in self.vision.keymap.values()
+                            and k not in self.vision.aux.values()]
 
     def keys(self):
         return list(self._shapes)
@@ -207,6 +216,104 @@ class TextCheckpoint:
         if not side and t.dtype not in FP8:
             return t
         return dequantize(t, side, self.where, self.keymap[k], keep_fp8=keep_fp8)
+
+
+_VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_tower.", "vision_model.")
+
+
+def _read_hf_vision_config(source) -> dict:
+    """``vision_config`` of an HF folder's ``config.json`` (``{}`` if none)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return {}
+    p = os.path.join(os.fspath(source), "config.json")
+    try:
+        with open(p, encoding="utf-8") as f:
+            return dict(json.load(f).get("vision_config") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def infer_vision_config(shapes: dict, hf: dict | None = None) -> Qwen3VisionConfig:
+    """A :class:`Qwen3VisionConfig` from canonical vision ``{key: shape}`` (KeyError when a sizing tensor is
+    absent). Head count and DeepStack layers are no tensor's shape: from ``hf`` (``config.json``'s
+    ``vision_config``) when given, else Qwen3-VL's (16 heads; the published DeepStack layers)."""
+    hf = hf or {}
+    hidden, cin, tp, p, _ = shapes["patch_embed.proj.weight"]
+    wide = shapes["merger.linear_fc2.weight"][1]
+    depth = count_indices(shapes, r"^blocks\.(\d+)\.")
+    n_deep = count_indices(shapes, r"^deepstack_merger_list\.(\d+)\.")
+    deep = hf.get("deepstack_visual_indexes")
+    return Qwen3VisionConfig(
+        hidden=hidden, depth=depth, heads=int(hf.get("num_heads", 16)),
+        mlp_hidden=shapes["blocks.0.mlp.linear_fc1.weight"][0], out_hidden=shapes["merger.linear_fc2.weight"][0],
+        patch=p, temporal_patch=tp, merge=math.isqrt(wide // hidden), in_channels=cin,
+        positions=shapes["pos_embed.weight"][0],
+        deepstack=tuple(int(i) for i in deep) if deep else default_deepstack(depth, n_deep))
+
+
+class VisionCheckpoint:
+    """The vision tower inside a text-encoder file: ``keymap`` (canonical -> file key), ``aux`` (quantization
+    side tensors), ``config``, ``dequantized(k)``."""
+
+    def __init__(self, src, keymap: dict, aux: dict, config: Qwen3VisionConfig, where: str):
+        self.src, self.keymap, self.aux, self.config, self.where = src, keymap, aux, config, where
+
+    def keys(self):
+        return list(self.keymap)
+
+    def dequantized(self, k: str, keep_fp8: bool = False) -> torch.Tensor:
+        t = self.src[self.keymap[k]]
+        base = k.rsplit(".", 1)[0]
+        side = {suf[1:]: self.src[self.aux[base + suf]] for suf in QUANT_SUFFIXES if base + suf in self.aux}
+        if not side and t.dtype not in FP8:
+            return t
+        return dequantize(t, side, self.where, self.keymap[k], keep_fp8=keep_fp8)
+
+
+def find_vision(src, keys, where: str, text_hidden: int, hf: dict) -> tuple:
+    """``(VisionCheckpoint, None)`` for a complete vision tower, else ``(None, reason)``."""
+    prefix = next((p for p in _VISION_PREFIXES if any(k.startswith(p) for k in keys)), None)
+    if prefix is None:
+        return None, "it has no vision tower (a text-only export: no 'visual.' tensors)"
+    keymap, aux = {}, {}
+    for k in keys:
+        if k.startswith(prefix):
+            c = k[len(prefix):]
+            (aux if c.endswith(QUANT_SUFFIXES) else keymap)[c] = k
+    shapes = {c: tuple(src.shape(k)) for c, k in keymap.items()}
+    try:
+        cfg = infer_vision_config(shapes, hf)
+    except KeyError as e:
+        return None, f"its vision tower is incomplete (no '{prefix}{e.args[0]}')"
+    want = module_shapes(lambda: Qwen3VisionModel(cfg))
+    missing = [k for k in want if k not in shapes]
+    if missing:
+        return None, (f"its vision tower is incomplete: {len(missing)} of {len(want)} tensors missing (first: "
+                      f"{first_names([prefix + k for k in missing], 3)})")
+    bad = [k for k in want if shapes[k] != want[k]]
+    if bad:
+        return None, (f"its vision tower has tensor '{prefix}{bad[0]}' of shape {list(shapes[bad[0]])}, expected "
+                      f"{list(want[bad[0]])}")
+    if cfg.out_hidden != text_hidden:
+        return None, f"its vision tower feeds width {cfg.out_hidden}, but the language tower is {text_hidden} wide"
+    return VisionCheckpoint(src, {k: keymap[k] for k in want}, aux, cfg, where), None
+
+
+def load_vision_model(ck: "TextCheckpoint", *, dtype=None, device="cpu", operations=None) -> Qwen3VisionModel:
+    """The vision tower of ``ck`` (which must have one: see ``ck.vision_problem``), weights as
+    :func:`load_text_model` places them."""
+    v = ck.vision
+    with torch.device("meta"):
+        model = Qwen3VisionModel(v.config, dtype=dtype, operations=operations)
+    params = dict(model.named_parameters())
+    for k in v.keys():
+        stored = v.src.dtype(v.keymap[k]) or torch.float32
+        if dtype is not None:
+            target = params[k].dtype
+        else:
+            target = stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
+        set_tensor(model, k, v.dequantized(k, keep_fp8=target in FP8).to(device=device, dtype=target))
+    return model.eval()
 
 
 def load_text_model(source, *, dtype=None, device="cpu", operations=None,

@@ -11,10 +11,11 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from ..errors import ShapeMismatchError
-from ..formats.text_file import TextCheckpoint, load_text_model
-from .prompt import MAX_TOKENS, PromptIds, build_prompt_ids
-from .qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
+from ..errors import ConditioningError, ShapeMismatchError
+from ..formats.text_file import TextCheckpoint, load_text_model, load_vision_model
+from . import images as I
+from .prompt import MAX_TOKENS, PromptIds, build_image_prompt_ids, build_prompt_ids, mrope_positions
+from .qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel, VisionInputs
 from .tokenizer import QwenTokenizer, find_tokenizer
 
 __all__ = ["DEFAULT_TAPS", "Encoding", "Krea2TextEncoder", "load_text_encoder"]
@@ -31,12 +32,23 @@ class Encoding(NamedTuple):
 class Krea2TextEncoder:
     """Qwen3-VL taps for Krea 2: ``model`` (:class:`Qwen3TextModel`) + ``tokenizer`` (:class:`QwenTokenizer`)."""
 
-    def __init__(self, model: Qwen3TextModel, tokenizer: QwenTokenizer, where: str = ""):
+    def __init__(self, model: Qwen3TextModel, tokenizer: QwenTokenizer, where: str = "", vision=None,
+                 vision_problem: str | None = None):
         #: reuse the 34-token system prefix's keys/values across prompts (exact: the tower is causal)
         self.reuse_prefix = True
         self.model = model
         self.tokenizer = tokenizer
         self.where = where
+        #: the vision tower (:class:`~krea2_model.text.vision.Qwen3VisionModel`), a zero-argument function that
+        #: loads it on first use, or None with ``vision_problem`` saying why images cannot be encoded
+        self._vision = vision
+        self.vision_problem = vision_problem
+
+    @property
+    def vision(self):
+        if callable(self._vision) and not isinstance(self._vision, torch.nn.Module):
+            self._vision = self._vision()
+        return self._vision
 
     @property
     def config(self) -> Qwen3TextConfig:
@@ -46,11 +58,24 @@ class Krea2TextEncoder:
         """The real-token ids of ``text`` in Krea 2's template (see :func:`~krea2_model.text.prompt.build_prompt_ids`)."""
         return build_prompt_ids(self.tokenizer, text, max_tokens)
 
-    def encode(self, text: str, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
+    def encode(self, text: str, images=None, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
                device=None, dtype=None) -> torch.Tensor:
         """DESIGN.md's contract: the conditioning ``(1, n, len(taps) * hidden)`` of ``text``, real tokens
         only, so ``n`` (its second size) is the number of real tokens. :meth:`encode_prompt` also gives the
-        prompt's length before truncation."""
+        prompt's length before truncation.
+
+        ``images``: up to three ComfyUI IMAGE tensors ``(H, W, 3)`` / ``(1, H, W, 3)`` in [0, 1], seen by the
+        Qwen3-VL vision tower and placed before the text as ``Picture 1: <image> Picture 2: ...`` (how Krea 2's
+        edit / style LoRAs were trained); each is prepared by :func:`krea2_model.text.images.prepare`."""
+        if isinstance(images, (tuple, list)) and images and all(isinstance(i, int) for i in images):
+            raise TypeError("encode(text, images, taps=...): the second argument is now the images; pass taps by "
+                            "keyword (taps=...)")
+        if images is not None and not isinstance(images, (list, tuple)) and not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a list of image tensors, not {type(images).__name__}")
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if images:
+            return self.encode_with_images(text, list(images), taps, max_tokens, device, dtype).cond
         return self.encode_prompt(text, taps, max_tokens, device, dtype).cond
 
     @torch.no_grad()
@@ -78,6 +103,43 @@ class Krea2TextEncoder:
         return Encoding(h, p.real_tokens, p.prompt_tokens_total)
 
 
+    @torch.no_grad()
+    def encode_with_images(self, text: str, images: list, taps: Sequence[int] = DEFAULT_TAPS,
+                           max_tokens: int = MAX_TOKENS, device=None, dtype=None) -> Encoding:
+        """:meth:`encode_prompt` for a prompt with ``images`` (see :meth:`encode`). Rows: everything after the
+        system prefix (the ``Picture N:`` labels, the image tokens, the text, the suffix)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, not {type(text).__name__}")
+        if len(images) > I.MAX_IMAGES:
+            raise ConditioningError(f"{len(images)} images given; Krea 2's reference encoding takes at most "
+                                    f"{I.MAX_IMAGES} (Picture 1 to {I.MAX_IMAGES}). Combine or drop some.")
+        vision = self.vision
+        if vision is None:
+            raise ConditioningError(f"{self.where}: cannot encode images: {self.vision_problem}. Load a full "
+                                    "Qwen3-VL file with its vision tower (ComfyUI's qwen3vl_4b_bf16 / "
+                                    "qwen3vl_4b_fp8_scaled, or the Qwen/Qwen3-VL-4B-Instruct folder).")
+        vcfg = vision.config
+        w = self.model.embed_tokens.weight
+        dev = device if device is not None else (w.device if w.device.type != "meta" else "cpu")
+        prepared = [I.prepare(im, f"image {i + 1}") for i, im in enumerate(images)]
+        grids = [g for _, g, _ in prepared]
+        merged = [(gh // vcfg.merge, gw // vcfg.merge) for _, gh, gw in grids]
+        p = build_image_prompt_ids(self.tokenizer, text, [r * c for r, c in merged], max_tokens)
+        if max(p.ids) >= self.config.vocab:
+            raise ShapeMismatchError(f"{self.where}: the tokenizer gives token id {max(p.ids)} but the text encoder's "
+                                     f"vocabulary has {self.config.vocab} entries: tokenizer and model do not belong "
+                                     "together.")
+        patches = torch.cat([x for x, _, _ in prepared]).to(dev)
+        tokens, deep = vision(patches, grids, dtype=dtype)
+        mask = torch.zeros(len(p.ids), dtype=torch.bool, device=dev)
+        for start, count in p.image_spans:
+            mask[start:start + count] = True
+        positions = mrope_positions(len(p.ids), p.image_spans, merged, dev)
+        ids = torch.tensor([p.ids], dtype=torch.long, device=dev)
+        h = self.model(ids, taps, dtype=dtype, vision=VisionInputs(mask, tokens, deep, positions))[:, p.prefix_len:]
+        return Encoding(h, p.real_tokens, p.prompt_tokens_total)
+
+
 def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", operations=None,
                       progress: Callable[[int, int], None] | None = None) -> Krea2TextEncoder:
     """Load the Qwen3-VL text tower from ``source`` (a ``.safetensors`` file in any accepted layout, an HF
@@ -89,4 +151,8 @@ def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", opera
     ck = TextCheckpoint(source)
     tok = find_tokenizer(source if isinstance(source, (str, os.PathLike)) else None, tokenizer)
     model = load_text_model(ck, dtype=dtype, device=device, operations=operations, progress=progress)
-    return Krea2TextEncoder(model, tok, ck.where)
+    vision = None
+    if ck.vision is not None:  # loaded on the first prompt with images: text-only use never pays for it
+        def vision():
+            return load_vision_model(ck, dtype=dtype, device=device, operations=operations)
+    return Krea2TextEncoder(model, tok, ck.where, vision, ck.vision_problem)

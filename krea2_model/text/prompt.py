@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import Krea2Error
-from .tokenizer import IM_END, IM_START, QwenTokenizer
+from .tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, QwenTokenizer
 
 log = logging.getLogger("krea2")
 
@@ -74,10 +74,85 @@ def build_prompt_ids(tok: QwenTokenizer, text: str, max_tokens: int = MAX_TOKENS
     return PromptIds(full[:n + kept] + suffix, n, kept, total)
 
 
-def warn_truncated(total: int, max_tokens: int, suffix_len: int = 5) -> None:
+def warn_truncated(total: int, max_tokens: int, suffix_len: int = 5, images: int = 0) -> None:
     budget = max_tokens - suffix_len
-    log.warning("Krea 2: the prompt is %d tokens; Krea 2 reads at most %d (%d minus the %d-token assistant "
-                "suffix), so the last %d tokens are dropped.", total, budget, max_tokens, suffix_len, total - budget)
+    extra = (f" (text tokens only: the {images} image(s) and their 'Picture N:' labels are not counted)"
+             if images else "")
+    log.warning("Krea 2: the prompt is %d tokens; Krea 2 reads at most %d%s (%d minus the %d-token assistant "
+                "suffix), so the last %d tokens are dropped.", total, budget, extra, max_tokens, suffix_len,
+                total - budget)
+
+
+def image_labels(count: int) -> str:
+    """The user turn's image part for ``count`` images, as Krea 2's edit / style LoRAs were trained:
+    ``Picture 1: <|vision_start|><|image_pad|><|vision_end|>Picture 2: ...`` (one pad stands for each image's
+    tokens until :func:`build_image_prompt_ids` expands it)."""
+    return "".join(f"Picture {i + 1}: {VISION_START}{IMAGE_PAD}{VISION_END}" for i in range(count))
+
+
+@dataclass(frozen=True)
+class ImagePromptIds(PromptIds):
+    """:class:`PromptIds` of a prompt with images; ``image_spans``: ``(start, length)`` of each image's tokens
+    in ``ids``, in order."""
+    image_spans: tuple = ()
+
+
+def build_image_prompt_ids(tok: QwenTokenizer, text: str, image_tokens, max_tokens: int = MAX_TOKENS,
+                           warn: bool = True) -> ImagePromptIds:
+    """Token ids of ``PREFIX + image_labels(n) + text`` (+ ``SUFFIX``) with each image's pad repeated
+    ``image_tokens[i]`` times (one per merged vision token). The ``max_tokens - 5`` budget applies to the
+    prompt text's tokens only (those after the last image); truncation warns with the counts."""
+    image_tokens = [int(n) for n in image_tokens]
+    pad = tok.token_id(IMAGE_PAD)
+    if pad is None or tok.token_id(VISION_START) is None or tok.token_id(VISION_END) is None:
+        raise Krea2Error(f"{tok.where}: this tokenizer has no {VISION_START} / {IMAGE_PAD} / {VISION_END} special "
+                         "tokens, so it cannot place images in a prompt; use the Qwen3-VL tokenizer.")
+    suffix = tok.encode(SUFFIX)
+    budget = max_tokens - len(suffix)
+    if budget < 0:
+        raise ValueError(f"max_tokens {max_tokens} is below the {len(suffix)}-token assistant suffix")
+    full = tok.encode(PREFIX + image_labels(len(image_tokens)) + text)
+    n = prefix_length(tok, full)
+    pads = [i for i, t in enumerate(full) if t == pad]
+    if len(pads) != len(image_tokens):
+        raise Krea2Error(f"{tok.where}: the prompt text itself contains '{IMAGE_PAD}' tokens; remove them (images "
+                         "are given as images).")
+    text_start = full.index(tok.token_id(VISION_END), pads[-1]) + 1 if pads else n
+    total = len(full) - text_start
+    kept = min(total, budget)
+    if total > budget and warn:
+        warn_truncated(total, max_tokens, len(suffix), len(image_tokens))
+    ids, spans, last = [], [], 0
+    for p, count in zip(pads, image_tokens):
+        ids += full[last:p]
+        spans.append((len(ids), count))
+        ids += [pad] * count
+        last = p + 1
+    ids += full[last:text_start + kept] + suffix
+    prompt_kept = kept
+    return ImagePromptIds(ids, n, prompt_kept, total, tuple(spans))
+
+
+def mrope_positions(length: int, spans, grids, device=None):
+    """``(3, length)`` M-RoPE positions (time, height, width) for a sequence with image tokens at ``spans``
+    (``(start, count)``) of merged grids ``grids`` (``(rows, cols)``): text tokens count on along all three
+    axes; an image's tokens sit at ``(s, s + row, s + col)`` with ``s`` the next position, and the text after
+    it starts at ``s + max(rows, cols)``."""
+    import torch
+    pos = torch.empty(3, length, dtype=torch.long)
+    cur, i = 0, 0
+    for (start, count), (rows, cols) in zip(list(spans) + [(length, 0)], list(grids) + [(0, 0)]):
+        pos[:, i:start] = torch.arange(cur, cur + start - i)
+        cur += start - i
+        if count:
+            r = torch.arange(rows).repeat_interleave(cols)
+            c = torch.arange(cols).repeat(rows)
+            pos[0, start:start + count] = cur
+            pos[1, start:start + count] = cur + r
+            pos[2, start:start + count] = cur + c
+            cur += max(rows, cols)
+        i = start + count
+    return pos.to(device) if device is not None else pos
 
 
 IM_START_ID, IM_END_ID, USER_ID, NEWLINE_ID = 151644, 151645, 872, 198  # Qwen's ids

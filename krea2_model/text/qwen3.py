@@ -61,13 +61,37 @@ class QwenRMSNorm(nn.Module):
         return cast_param(self.weight, y) * y
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)``, each ``(L, head_dim)`` in ``dtype``, for integer ``positions (L,)``.
+def mrope_section(head_dim: int) -> tuple[int, int, int]:
+    """Qwen3-VL's split of a head's ``head_dim / 2`` frequencies over the (time, height, width) position axes:
+    24 / 20 / 20 for head 128, the same proportions at other sizes."""
+    half = head_dim // 2
+    hw = half * 20 // 64
+    return half - 2 * hw, hw, hw
 
-    Angles are computed in float32 (``inv_freq = theta ** -(2i / D)``) and duplicated over both halves
-    of the head (the "rotate half" layout)."""
+
+def rope_axes(head_dim: int) -> torch.Tensor:
+    """Which position axis (0 time, 1 height, 2 width) drives each of the head's ``head_dim / 2`` frequencies.
+    Qwen3-VL interleaves them: frequency ``j`` follows height when ``j % 3 == 1`` and width when ``j % 3 == 2``,
+    for the first ``3 * sections`` frequencies; all others follow time."""
+    _, sh, sw = mrope_section(head_dim)
+    axes = torch.zeros(head_dim // 2, dtype=torch.long)
+    axes[1:3 * sh:3] = 1
+    axes[2:3 * sw:3] = 2
+    return axes
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each ``(L, head_dim)`` in ``dtype``, for integer ``positions``: ``(L,)`` for text (all
+    three axes equal: plain 1-D RoPE) or ``(3, L)`` (time, height, width) for sequences with image tokens.
+
+    Angles are computed in float32 (``inv_freq = theta ** -(2i / D)``, frequency ``i`` taking its position
+    from the axis :func:`rope_axes` gives it) and duplicated over both halves of the head ("rotate half")."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    pos = positions.to(torch.float32)
+    if pos.ndim == 1:
+        freqs = pos[:, None] * inv_freq[None, :]
+    else:
+        freqs = pos[rope_axes(head_dim).to(pos.device)].t() * inv_freq[None, :]  # (L, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -151,6 +175,17 @@ class Qwen3DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass
+class VisionInputs:
+    """What the image tokens of one sequence bring to the language tower: ``mask (L,)`` bool (the image-pad
+    positions), ``tokens (n, hidden)`` (the vision tower's merged tokens, in sequence order), ``deepstack``
+    (one ``(n, hidden)`` per DeepStack layer) and ``positions (3, L)`` (M-RoPE time / height / width)."""
+    mask: torch.Tensor
+    tokens: torch.Tensor
+    deepstack: list
+    positions: torch.Tensor
+
+
 class Qwen3TextModel(nn.Module):
     """The Qwen3-VL language tower, returning hidden states at tap indices.
 
@@ -182,20 +217,29 @@ class Qwen3TextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, taps: Sequence[int] = DEFAULT_TAPS,
                 positions: torch.Tensor | None = None, dtype=None, past: list | None = None,
-                keep: list | None = None) -> torch.Tensor:
+                keep: list | None = None, vision: "VisionInputs | None" = None) -> torch.Tensor:
         """``input_ids (B, L)`` int -> ``(B, L, len(taps) * hidden)``, layer-major per token (token ``l``
         holds tap 0's ``hidden`` values, then tap 1's, ...).
 
         ``positions (L,)`` are the RoPE positions (default ``0..L-1``). Every token attends causally to
         every earlier token: feed real tokens only, no padding. ``dtype`` is the compute dtype
         (default: the embedding's). ``past``: per-layer ``(k, v)`` of earlier tokens (positions then
-        default to following them); ``keep``: a list each layer's ``(k, v)`` is appended to."""
+        default to following them); ``keep``: a list each layer's ``(k, v)`` is appended to.
+
+        ``vision``: image tokens (:class:`VisionInputs`): their embeddings replace the token embeddings at
+        ``vision.mask``, ``positions`` is then ``(3, L)`` (M-RoPE), and DeepStack feature ``k`` is added at the
+        image positions to the output of decoder layer ``k`` (after its tap is taken, as HF records it)."""
         taps = self.check_taps(taps)
         deepest = max(taps)
         x = self.embed_tokens(input_ids)
         if dtype is not None:
             x = x.to(dtype)
+        if vision is not None:
+            x = x.clone()
+            x[0, vision.mask] = vision.tokens.to(x.dtype)
         l = input_ids.shape[1]
+        if positions is None and vision is not None:
+            positions = vision.positions
         if positions is None:
             start = past[0][0].shape[2] if past else 0
             positions = torch.arange(start, start + l, device=x.device)
@@ -205,6 +249,9 @@ class Qwen3TextModel(nn.Module):
             x = self.layers[i](x, rope, past[i] if past else None, keep)
             if i + 1 in taps:
                 got[i + 1] = x
+            if vision is not None and i < len(vision.deepstack):
+                x = x.clone()
+                x[0, vision.mask] += vision.deepstack[i].to(x.dtype)
         return torch.cat([got[t] for t in taps], dim=-1)
 
     @torch.no_grad()

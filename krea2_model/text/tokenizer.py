@@ -17,6 +17,8 @@ from ..errors import Krea2Error, TokenizerNotFoundError
 log = logging.getLogger("krea2")
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+#: Qwen-VL's image tokens (ids 151652 / 151655 / 151653 in Qwen's vocabulary).
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 #: Qwen's pre-tokenizer split pattern (a fixed part of the tokenizer format, the same in every Qwen
 #: ``tokenizer.json``).
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""

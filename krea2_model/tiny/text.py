@@ -33,8 +33,8 @@ import torch
 
 from ..formats.text_file import expected_text_shapes, infer_text_config
 from ..text.prompt import PREFIX
-from ..text.qwen3 import Qwen3TextConfig
-from ..text.tokenizer import ENDOFTEXT, IM_END, IM_START, QWEN_SPLIT
+from ..text.qwen3 import Qwen3TextConfig, mrope_section
+from ..text.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, QWEN_SPLIT, VISION_END, VISION_START
 from .transformer import write_shards
 
 CONFIGS = {
@@ -53,16 +53,9 @@ CONFIGS = {
 TAPS = {"tiny": (1, 3, 4), "tiny-mha": (0, 2), "tiny-qwen-vocab": (1, 3, 4), "bench": (2, 5, 8, 11),
         "full": None}
 LAYOUTS = ("full", "full-fp8", "full-legacy", "text", "bare", "hf-folder")
-SPECIALS = (ENDOFTEXT, IM_START, IM_END)
+SPECIALS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD)
 _EXTRA_WORDS = ("a cat sits on red mat under the blue sky with two dogs and a small house near green trees photo "
                 "of portrait woman man city street night light water mountain river").split()
-
-
-def mrope_section(head_dim: int) -> list:
-    """Qwen3-VL's (T, H, W) split of the head's frequencies (24/20/20 for head 128), scaled to ``head_dim``."""
-    half = head_dim // 2
-    hw = half * 20 // 64
-    return [half - 2 * hw, hw, hw]
 
 
 def hf_text_config(cfg: Qwen3TextConfig) -> dict:
@@ -71,7 +64,7 @@ def hf_text_config(cfg: Qwen3TextConfig) -> dict:
                 num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
                 head_dim=cfg.head_dim, rms_norm_eps=cfg.eps, tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
-                                 "mrope_section": mrope_section(cfg.head_dim), "mrope_interleaved": True})
+                                 "mrope_section": list(mrope_section(cfg.head_dim)), "mrope_interleaved": True})
 
 
 def _fp8_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +181,7 @@ def build_tokenizer(folder: str):
         "add_bos_token": False, "add_prefix_space": False, "bos_token": None, "clean_up_tokenization_spaces": False,
         "eos_token": IM_END, "pad_token": ENDOFTEXT, "unk_token": None, "errors": "replace",
         "model_max_length": 131072, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
-        "additional_special_tokens": [IM_START, IM_END],
+        "additional_special_tokens": [IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD],
         "added_tokens_decoder": {str(n + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                               "single_word": False, "special": True}
                                  for i, t in enumerate(SPECIALS)},
