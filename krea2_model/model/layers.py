@@ -94,6 +94,10 @@ def rope_to_heads(x: torch.Tensor, rope) -> torch.Tensor:
     ``torch.compile`` the real form is traced so the compiler can fuse it.
     """
     b, l, h, d = x.shape
+    if rope[0].shape[-2] != l:
+        # fewer tokens than positions (a host patch dropped tokens from the end of the sequence, as
+        # ComfyUI's FluxKVCache drops cached reference tokens from the queries): the leading positions
+        rope = tuple(t[..., :l, :] for t in rope)
     cos, sin = rope[0], rope[1]
     if len(rope) < 3 or torch.compiler.is_compiling() or torch.is_grad_enabled():
         return apply_rope(x.transpose(1, 2), cos, sin).contiguous()

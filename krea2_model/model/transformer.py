@@ -313,6 +313,9 @@ class Krea2Transformer(nn.Module):
         #: reuse the text stage (txtfusion + txtmlp) for a conditioning seen before; see `text_tokens`
         self.cache_text = True
         self._text_cache = TextCache()
+        #: the reference method used when a call gives none (native Krea 2's attribute of the same name, which
+        #: hosts patch: ComfyUI's FluxKVCache sets "index_timestep_zero")
+        self.default_ref_method = None
 
     # -- pieces -----------------------------------------------------------------------------------
     def unpack_context(self, context: torch.Tensor) -> torch.Tensor:
@@ -457,12 +460,14 @@ class Krea2Transformer(nn.Module):
         n_target = img.shape[1]
 
         ref_grids, t0 = (), False
+        if ref_latents_method is None:
+            ref_latents_method = self.default_ref_method
+        if ref_latents is not None and len(ref_latents) > 0 and ref_latents_method is None:
+            self.references_without_method(ref_latents)
+            ref_latents = None
         if ref_latents is not None and len(ref_latents) > 0:
-            if ref_latents_method is None:
-                raise ConditioningError(
-                    f"{len(ref_latents)} reference latent(s) given without ref_latents_method; give one of "
-                    f"{', '.join(REF_METHODS)} (ComfyUI: FluxKontextMultiReferenceLatentMethod).")
-            if ref_latents_method not in REF_METHODS:
+            if ref_latents_method not in REF_METHODS and ref_latents_method != getattr(self, "_warned_method", None):
+                self._warned_method = ref_latents_method  # once, not at every step
                 log.warning("Krea 2: unknown ref_latents_method %r; references are placed as 'index' (one of %s "
                             "was expected)", ref_latents_method, ", ".join(REF_METHODS))
             refs, ref_grids = self.reference_tokens([r.to(x.device) for r in ref_latents], B)
@@ -527,6 +532,13 @@ class Krea2Transformer(nn.Module):
         if frames is not None:
             out = out.unflatten(0, frames).transpose(1, 2)
         return out
+
+    def references_without_method(self, ref_latents) -> None:
+        """Reference latents came with no method and there is no :attr:`default_ref_method`: an error here;
+        a host adapter may instead ignore them with a warning, as its native model ignores them."""
+        raise ConditioningError(
+            f"{len(ref_latents)} reference latent(s) given without ref_latents_method; give one of "
+            f"{', '.join(REF_METHODS)} (ComfyUI: FluxKontextMultiReferenceLatentMethod).")
 
     def _post_input(self, fns, img, txt, rope, gh, gw, ref_grids, opts):
         """ComfyUI's ``patches["post_input"]``: each ``fn({"img", "txt", "img_ids", "txt_ids",

@@ -46,6 +46,14 @@ class HostKrea2Transformer(Krea2Transformer):
         run = ext.WrapperExecutor.new_class_executor(self._forward, self, wrappers)
         return run.execute(x, timesteps, context, attention_mask, ref_latents, opts, **kwargs)
 
+    def references_without_method(self, ref_latents) -> None:
+        # Native Krea 2 has no default method and ignores such references; so do we, but say so, once per model.
+        if not getattr(self, "_warned_no_method", False):
+            self._warned_no_method = True
+            log.warning("Krea 2: %d reference latent(s) in the conditioning are ignored: Krea 2 needs a reference "
+                        "method. Add FluxKontextMultiReferenceLatentMethod after ReferenceLatent "
+                        "(index_timestep_zero for style references, index for identity edits).", len(ref_latents))
+
 
 def _unet(krea2_config: dict, dtype=None, device=None, operations=None, **_ignored):
     """What ``BaseModel`` calls as ``unet_model(**unet_config, device=..., operations=...)``."""
@@ -62,7 +70,6 @@ class Krea2BaseModel(comfy.model_base.BaseModel):
         super().__init__(model_config, model_type, device=device, unet_model=_unet)
         # the sampler's memory estimate counts reference tokens too (see extra_conds_shapes)
         self.memory_usage_factor_conds = ("ref_latents",)
-        self._warned_no_method = False
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
@@ -71,16 +78,11 @@ class Krea2BaseModel(comfy.model_base.BaseModel):
             out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
         refs = kwargs.get("reference_latents", None)
         if refs:
+            # without a method the transformer uses its default_ref_method (set by FluxKVCache), or ignores
+            # them with a warning (HostKrea2Transformer.references_without_method)
+            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in refs])
             method = kwargs.get("reference_latents_method", None)
-            if method is None:
-                # Native Krea 2 has no default method and ignores such references; so do we, but say so.
-                if not self._warned_no_method:
-                    self._warned_no_method = True
-                    log.warning("Krea 2: %d reference latent(s) in the conditioning are ignored: Krea 2 needs a "
-                                "reference method. Add FluxKontextMultiReferenceLatentMethod after ReferenceLatent "
-                                "(index_timestep_zero for style references, index for identity edits).", len(refs))
-            else:
-                out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in refs])
+            if method is not None:
                 out["ref_latents_method"] = comfy.conds.CONDConstant(method)
         return out
 
@@ -88,7 +90,7 @@ class Krea2BaseModel(comfy.model_base.BaseModel):
         """Reference latents as one ``[1, 16, elements / 16]`` shape, the form the host's memory estimate
         (``memory_required``) sums alongside the noise latent."""
         refs = kwargs.get("reference_latents", None)
-        if not refs or kwargs.get("reference_latents_method", None) is None:
+        if not refs:
             return {}
         ch = self.latent_format.latent_channels
         return {"ref_latents": [1, ch, sum(r.numel() for r in refs) // ch]}

@@ -185,6 +185,15 @@ def test_references_without_a_method_are_ignored_with_one_warning(nh):
     assert warned == 1
 
 
+def test_flux_kv_cache_acts_on_ours_as_on_native(nh):
+    """FluxKVCache sets default_ref_method to index_timestep_zero (so no method node is needed), caches the
+    reference tokens' keys/values of the first call (attn1_patch) and drops those tokens from later calls
+    (post_input). Against the same graph without the cache (method node index_timestep_zero)."""
+    check_case(nh, "flux_kv_cache", model_nodes=[("FluxKVCache", {})],
+               cond_nodes=[("ReferenceLatent", {"latent": ["L0", 0]})], extra=ref_loaders(REF_A),
+               base_kw=dict(cond_nodes=refs(REF_A, "index_timestep_zero"), extra=ref_loaders(REF_A)))
+
+
 # -- attention patches ------------------------------------------------------------------------------------
 
 

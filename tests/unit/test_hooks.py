@@ -312,3 +312,38 @@ def test_odd_latent_sizes_equal_diffusers_on_the_padded_input(pair, hw):
         got5 = ours(x.unsqueeze(2), s, c)
     assert got.shape == x.shape and rel(got, want) <= 1e-5
     assert torch.equal(got5[:, :, 0], got)
+
+
+def test_reference_kv_cache_pattern_default_method_and_fewer_queries_than_positions(pair):
+    """ComfyUI's FluxKVCache, in plain torch: default_ref_method set on the model, the first call caches the
+    reference tokens' k/v per block (attn1_patch, before RoPE), later calls drop the reference tokens
+    (post_input) and append the cached k/v. Same input twice: the second call must give the first's result."""
+    cfg, _, ours, _ = pair
+    x, s, c = inputs(cfg)
+    refs = [torch.randn(1, 16, 4, 6)]
+    cache = {}
+
+    def kv(q, k, v, pe, attn_mask, extra_options):
+        n = sum(extra_options["reference_image_num_tokens"])
+        key = extra_options["block_index"]
+        if key in cache:
+            kk, vv = cache[key]
+            return {"k": torch.cat([k, kk], dim=2), "v": torch.cat([v, vv], dim=2)}
+        cache[key] = (k[:, :, -n:].clone(), v[:, :, -n:].clone())
+        return {}
+
+    def drop(d):
+        if cache:
+            d["img"] = d["img"][:, :-sum(d["transformer_options"]["reference_image_num_tokens"])]
+        return d
+
+    opts = {"patches": {"attn1_patch": [kv], "post_input": [drop]}}
+    model = copy.deepcopy(ours)
+    model.default_ref_method = "index_timestep_zero"
+    with torch.no_grad():
+        want = ours(x, s, c, ref_latents=refs, ref_latents_method="index_timestep_zero")
+        first = model(x, s, c, ref_latents=refs, transformer_options=opts)
+        second = model(x, s, c, ref_latents=refs, transformer_options=opts)
+    assert len(cache) == cfg.layers
+    assert torch.equal(first, want)
+    assert rel(second, want) <= 1e-5
