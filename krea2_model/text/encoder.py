@@ -14,9 +14,10 @@ import torch
 from ..errors import ConditioningError, ShapeMismatchError
 from ..formats.text_file import TextCheckpoint, load_text_model, load_vision_model
 from . import images as I
-from .prompt import MAX_TOKENS, PromptIds, build_image_prompt_ids, build_prompt_ids, mrope_positions
+from .generate import generate
+from .prompt import MAX_TOKENS, PromptIds, build_image_prompt_ids, build_prompt_ids, expand_image_pads, mrope_positions
 from .qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel, VisionInputs
-from .tokenizer import QwenTokenizer, find_tokenizer
+from .tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, QwenTokenizer, find_tokenizer
 
 __all__ = ["DEFAULT_TAPS", "Encoding", "Krea2TextEncoder", "load_text_encoder"]
 
@@ -110,34 +111,75 @@ class Krea2TextEncoder:
         system prefix (the ``Picture N:`` labels, the image tokens, the text, the suffix)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, not {type(text).__name__}")
+        prepared, merge = self._prepare_images(images)
+        p = build_image_prompt_ids(self.tokenizer, text, [g[1] * g[2] // merge ** 2 for _, g, _ in prepared],
+                                   max_tokens)
+        dev = self._device(device)
+        vis = self._vision_inputs(p.ids, p.image_spans, prepared, merge, dev, dtype)
+        ids = torch.tensor([p.ids], dtype=torch.long, device=dev)
+        h = self.model(ids, taps, dtype=dtype, vision=vis)[:, p.prefix_len:]
+        return Encoding(h, p.real_tokens, p.prompt_tokens_total)
+
+    def generate(self, text: str, images=None, *, thinking: bool = False, template: str | None = None,
+                 max_new: int = 256, device=None, dtype=None, **sampling) -> str:
+        """Text the model writes in reply to ``text`` (and ``images``): Qwen's chat turn
+        ``<|im_start|>user\n[images]text<|im_end|>\n<|im_start|>assistant\n``, with the empty think block
+        Qwen3 uses to switch reasoning off unless ``thinking``; ``template`` (a full prompt with ``{}`` for the
+        text) replaces that turn. ``sampling``: see :func:`krea2_model.text.generate.generate`."""
+        ids = self.generate_ids(text, images, thinking=thinking, template=template, max_new=max_new, device=device,
+                                dtype=dtype, **sampling)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_ids(self, text: str, images=None, *, thinking: bool = False, template: str | None = None,
+                     max_new: int = 256, device=None, dtype=None, **sampling) -> list:
+        """:meth:`generate` as token ids (the stop token included when produced)."""
+        images = [images] if isinstance(images, torch.Tensor) else list(images or [])
+        block = VISION_START + IMAGE_PAD + VISION_END
+        if template is None:
+            template = IM_START + "user\n" + block * len(images) + "{}" + IM_END + "\n" + IM_START + "assistant\n"
+            if not thinking:
+                template += "<think>\n\n</think>\n\n"
+        ids = self.tokenizer.encode(template.replace("{}", text, 1) if "{}" in template else template + text)
+        dev = self._device(device)
+        vis = None
+        if images:
+            prepared, merge = self._prepare_images(images)
+            ids, spans = expand_image_pads(ids, self.tokenizer.token_id(IMAGE_PAD),
+                                           [g[1] * g[2] // merge ** 2 for _, g, _ in prepared])
+            vis = self._vision_inputs(ids, spans, prepared, merge, dev, dtype)
+        stop = [self.tokenizer.token_id(IM_END)]
+        return generate(self.model, ids, vision=vis, max_new=max_new, stop_ids=stop, dtype=dtype, device=dev,
+                        **sampling)
+
+    # -- pieces --------------------------------------------------------------------------------------------
+    def _device(self, device):
+        w = self.model.embed_tokens.weight
+        return device if device is not None else (w.device if w.device.type != "meta" else "cpu")
+
+    def _prepare_images(self, images: list) -> tuple[list, int]:
+        """Each image through :func:`krea2_model.text.images.prepare` (checked: count, vision tower present)."""
         if len(images) > I.MAX_IMAGES:
             raise ConditioningError(f"{len(images)} images given; Krea 2's reference encoding takes at most "
                                     f"{I.MAX_IMAGES} (Picture 1 to {I.MAX_IMAGES}). Combine or drop some.")
-        vision = self.vision
-        if vision is None:
+        if self.vision is None:
             raise ConditioningError(f"{self.where}: cannot encode images: {self.vision_problem}. Load a full "
                                     "Qwen3-VL file with its vision tower (ComfyUI's qwen3vl_4b_bf16 / "
                                     "qwen3vl_4b_fp8_scaled, or the Qwen/Qwen3-VL-4B-Instruct folder).")
-        vcfg = vision.config
-        w = self.model.embed_tokens.weight
-        dev = device if device is not None else (w.device if w.device.type != "meta" else "cpu")
-        prepared = [I.prepare(im, f"image {i + 1}") for i, im in enumerate(images)]
-        grids = [g for _, g, _ in prepared]
-        merged = [(gh // vcfg.merge, gw // vcfg.merge) for _, gh, gw in grids]
-        p = build_image_prompt_ids(self.tokenizer, text, [r * c for r, c in merged], max_tokens)
-        if max(p.ids) >= self.config.vocab:
-            raise ShapeMismatchError(f"{self.where}: the tokenizer gives token id {max(p.ids)} but the text encoder's "
+        return [I.prepare(im, f"image {i + 1}") for i, im in enumerate(images)], self.vision.config.merge
+
+    def _vision_inputs(self, ids, spans, prepared, merge, dev, dtype) -> VisionInputs:
+        if max(ids) >= self.config.vocab:
+            raise ShapeMismatchError(f"{self.where}: the tokenizer gives token id {max(ids)} but the text encoder's "
                                      f"vocabulary has {self.config.vocab} entries: tokenizer and model do not belong "
                                      "together.")
-        patches = torch.cat([x for x, _, _ in prepared]).to(dev)
-        tokens, deep = vision(patches, grids, dtype=dtype)
-        mask = torch.zeros(len(p.ids), dtype=torch.bool, device=dev)
-        for start, count in p.image_spans:
+        grids = [g for _, g, _ in prepared]
+        tokens, deep = self.vision(torch.cat([x for x, _, _ in prepared]).to(dev), grids, dtype=dtype)
+        mask = torch.zeros(len(ids), dtype=torch.bool, device=dev)
+        for start, count in spans:
             mask[start:start + count] = True
-        positions = mrope_positions(len(p.ids), p.image_spans, merged, dev)
-        ids = torch.tensor([p.ids], dtype=torch.long, device=dev)
-        h = self.model(ids, taps, dtype=dtype, vision=VisionInputs(mask, tokens, deep, positions))[:, p.prefix_len:]
-        return Encoding(h, p.real_tokens, p.prompt_tokens_total)
+        merged = [(gh // merge, gw // merge) for _, gh, gw in grids]
+        return VisionInputs(mask, tokens, deep, mrope_positions(len(ids), spans, merged, dev))
 
 
 def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", operations=None,

@@ -122,15 +122,25 @@ def build_image_prompt_ids(tok: QwenTokenizer, text: str, image_tokens, max_toke
     kept = min(total, budget)
     if total > budget and warn:
         warn_truncated(total, max_tokens, len(suffix), len(image_tokens))
-    ids, spans, last = [], [], 0
-    for p, count in zip(pads, image_tokens):
-        ids += full[last:p]
-        spans.append((len(ids), count))
-        ids += [pad] * count
+    ids, spans = expand_image_pads(full[:text_start + kept] + suffix, pad, image_tokens)
+    return ImagePromptIds(ids, n, kept, total, tuple(spans))
+
+
+def expand_image_pads(ids: list, pad: int, counts) -> tuple[list, list]:
+    """``ids`` with its ``i``-th ``pad`` token repeated ``counts[i]`` times (one per merged vision token, as
+    Qwen's processor expands them) and the ``(start, count)`` span of each image in the result."""
+    counts = list(counts)
+    where = [i for i, t in enumerate(ids) if t == pad]
+    if len(where) != len(counts):
+        raise Krea2Error(f"{len(where)} '{IMAGE_PAD}' tokens in the prompt for {len(counts)} images: each image "
+                         f"needs exactly one '{VISION_START}{IMAGE_PAD}{VISION_END}' block.")
+    out, spans, last = [], [], 0
+    for p, count in zip(where, counts):
+        out += ids[last:p]
+        spans.append((len(out), count))
+        out += [pad] * count
         last = p + 1
-    ids += full[last:text_start + kept] + suffix
-    prompt_kept = kept
-    return ImagePromptIds(ids, n, prompt_kept, total, tuple(spans))
+    return out + ids[last:], spans
 
 
 def mrope_positions(length: int, spans, grids, device=None):

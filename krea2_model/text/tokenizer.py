@@ -51,6 +51,10 @@ class QwenTokenizer:
             return list(self.backend.encode(text, add_special_tokens=False))
         return list(self.backend.encode(text, add_special_tokens=False).ids)
 
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of token ``ids`` (both backends take the same arguments)."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
     def token_id(self, token: str):
         if self._hf:
             i = self.backend.convert_tokens_to_ids(token)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLModel
+from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from krea2_model import ConditioningError, load_text_encoder
@@ -48,8 +48,10 @@ def pair(tok_dir, tmp_path_factory):
     torch.manual_seed(0)
     conf = Qwen3VLConfig(text_config=hf_text_config(cfg), vision_config=dict(VISION, out_hidden_size=cfg.hidden),
                          image_token_id=ids[IMAGE_PAD], vision_start_token_id=ids[VISION_START],
-                         vision_end_token_id=ids[VISION_END], video_token_id=ids[IMAGE_PAD] + 1000)
-    ref = Qwen3VLModel(conf).eval()
+                         vision_end_token_id=ids[VISION_END], video_token_id=ids[IMAGE_PAD] + 1000,
+                         tie_word_embeddings=True)  # as Qwen3-VL-4B's config.json
+    full = Qwen3VLForConditionalGeneration(conf).eval()  # the output head is tied to the token embedding
+    ref = full.model
     with torch.no_grad():  # non-trivial norms and biases, so a misplaced one shows
         for n, p in ref.named_parameters():
             if n.endswith(("norm1.weight", "norm2.weight", "norm.weight")) and "visual" in n:
@@ -65,6 +67,7 @@ def pair(tok_dir, tmp_path_factory):
         json.dump({"model_type": "qwen3_vl", "text_config": hf_text_config(cfg),
                    "vision_config": dict(VISION, out_hidden_size=cfg.hidden)}, f)
     ours = load_text_encoder(str(folder), tokenizer=tok_dir, dtype=torch.float32)
+    ref.generator = full
     return ref, ours, hf_tok
 
 
@@ -171,3 +174,54 @@ def test_large_image_is_downscaled_with_bounded_memory():
     big = torch.rand(1, 3000, 3000, 3)
     patches, grid, size = I.prepare(big)
     assert size == (384, 384) and grid == (1, 24, 24) and patches.shape == (576, 3 * 2 * 16 * 16)
+
+
+def reference_generate(ref, hf_tok, text, imgs, new_tokens):
+    """transformers' ``generate(do_sample=False)`` on the chat turn our :meth:`generate` builds."""
+    proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, do_resize=False, do_rescale=False, do_normalize=True)
+    block = VISION_START + IMAGE_PAD + VISION_END
+    prompt = "<|im_start|>user\n" + block * len(imgs) + text + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    ids = hf_tok(prompt)["input_ids"]
+    kw = {}
+    if imgs:
+        pix, grids = [], []
+        for im in imgs:
+            rgb = I.as_rgb(im)
+            px = I.resize(rgb, I.vision_size(rgb.shape[1], rgb.shape[2]))
+            out = proc(images=[px.permute(1, 2, 0).numpy().astype(np.float32)], return_tensors="pt",
+                       input_data_format="channels_last")
+            pix.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+        grid = torch.cat(grids)
+        counts = iter([int(t * h * w) // 4 for t, h, w in grid.tolist()])
+        pad = ref.config.image_token_id
+        ids = [x for t in ids for x in ([t] * next(counts) if t == pad else [t])]
+        kw = dict(pixel_values=torch.cat(pix), image_grid_thw=grid)
+    input_ids = torch.tensor([ids])
+    kw["mm_token_type_ids"] = (input_ids == ref.config.image_token_id).int()
+    end = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        out = ref.generator.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                     max_new_tokens=new_tokens, eos_token_id=end, pad_token_id=end, **kw)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_greedy_generation_equals_transformers_token_for_token(pair, with_image):
+    ref, ours, hf_tok = pair
+    imgs = [image(64, 96, 5)] if with_image else []
+    want = reference_generate(ref, hf_tok, "describe a cat", imgs, 16)
+    got = ours.generate_ids("describe a cat", imgs, max_new=16)
+    assert len(want) >= 2 and got == want
+
+
+def test_seeded_sampling_is_reproducible_and_the_seed_matters(pair):
+    ref, ours, hf_tok = pair
+    kw = dict(max_new=12, do_sample=True, temperature=1.3, top_k=40, top_p=0.95, min_p=0.01,
+              repetition_penalty=1.1, presence_penalty=0.2)
+    a = ours.generate_ids("a cat", seed=7, **kw)
+    assert a == ours.generate_ids("a cat", seed=7, **kw)
+    others = {tuple(ours.generate_ids("a cat", seed=s, **kw)) for s in (1, 2, 3, 4)}
+    assert len(others | {tuple(a)}) > 1
+    assert isinstance(ours.generate("a cat", seed=7, **kw), str)
