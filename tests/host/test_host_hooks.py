@@ -318,3 +318,27 @@ def test_old_host_nodes_act_on_ours(oh):
         assert torch.isfinite(got).all() and rel(got, ref) > 1e-3, case
         ran.append(case)
     assert "easycache" in ran and "ref_index" in ran, (oh.version, ran)
+
+
+def test_torch_compile_model_runs_ours_compiled_and_equals_native(nh, tmp_path):
+    """compile_check.py: core's TorchCompileModel path (set_torch_compile_wrapper, inductor) on both MODELs.
+    Ours compiles to as few graphs as native's (here: one, native many, with graph breaks)."""
+    c = A.INTEROP_CFG
+    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
+            "model": os.path.join(nh.models_dir, "diffusion_models", A.INTEROP), "ctx_width": c.text_taps * c.text_dim,
+            "backend": "inductor"}
+    sp = tmp_path / "spec.json"
+    sp.write_text(json.dumps(spec))
+    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "compile_check.py"), str(sp)],
+                       capture_output=True, text=True, timeout=900, cwd=nh.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    t = {side: {k: torch.tensor(v[k]) for k in ("plain", "compiled")} for side, v in res.items()}
+    print(f"torch.compile: graphs ours {res['ours']['graphs']} (breaks {res['ours']['breaks']}), native "
+          f"{res['native']['graphs']} (breaks {res['native']['breaks']}); compiled vs plain ours "
+          f"{rel(t['ours']['compiled'], t['ours']['plain']):.1e}; compiled ours vs native "
+          f"{rel(t['ours']['compiled'], t['native']['compiled']):.1e}")
+    assert res["ours"]["graphs"] >= 1 and res["native"]["graphs"] >= 1  # the compiled forward ran
+    assert res["ours"]["graphs"] <= res["native"]["graphs"]
+    assert rel(t["ours"]["compiled"], t["native"]["compiled"]) <= 1e-4
+    assert rel(t["ours"]["compiled"], t["ours"]["plain"]) <= 1e-4
