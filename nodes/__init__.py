@@ -17,8 +17,8 @@ def node_list():
     from .model_nodes import Krea2ModelLoader, Krea2ModelSampling
     nodes = [Krea2ModelLoader, Krea2ModelSampling]
     try:
-        from .text_nodes import Krea2TextEncoderLoader, Krea2TextEncode
-        nodes += [Krea2TextEncoderLoader, Krea2TextEncode]
+        from .text_nodes import Krea2ReferenceEncode, Krea2TextEncode, Krea2TextEncoderLoader
+        nodes += [Krea2TextEncoderLoader, Krea2TextEncode, Krea2ReferenceEncode]
     except ImportError as e:  # pragma: no cover - reported, never silent
         log.error("Krea 2: text nodes unavailable: %s", e)
     try:

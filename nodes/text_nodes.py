@@ -1,4 +1,4 @@
-"""Text nodes: Krea2TextEncoderLoader and Krea2TextEncode."""
+"""Text nodes: Krea2TextEncoderLoader, Krea2TextEncode and Krea2ReferenceEncode."""
 
 from __future__ import annotations
 
@@ -68,3 +68,41 @@ class Krea2TextEncode(io.ComfyNode):
         if clip is None:
             raise Krea2Error("Krea2TextEncode: the clip input is empty (the loader failed or was bypassed).")
         return io.NodeOutput(host_clip.encode(clip, text, parse_taps(taps), max_tokens))
+
+
+class Krea2ReferenceEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        methods = list(host_clip.REFERENCE_METHODS)
+        return io.Schema(
+            node_id="Krea2ReferenceEncode", display_name="Krea 2 Reference Encode", category=CATEGORY,
+            description="Reference images for Krea 2, encoded the way its edit and style-reference LoRAs were trained "
+                        "(ai-toolkit): the Qwen3-VL text encoder sees each image (downscaled to at most 384x384, "
+                        "never upscaled) after 'Picture N:' under Krea's own system prompt, and each image's latent "
+                        "(at most 1 MP on a 16 px grid) joins the conditioning as a reference latent with the "
+                        "method the LoRA expects. One node instead of TextEncodeQwenImageEditPlus + "
+                        "ReferenceLatent + FluxKontextMultiReferenceLatentMethod.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="From Load Krea 2 Text Encoder, a full Qwen3-VL file (with its vision "
+                                              "tower)."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default=""),
+                io.Vae.Input("vae", tooltip="The Qwen-Image / Wan 2.1 VAE (encodes the reference latents)."),
+                io.Image.Input("image", tooltip="Picture 1."),
+                io.Image.Input("image2", optional=True, tooltip="Picture 2 (optional)."),
+                io.Image.Input("image3", optional=True, tooltip="Picture 3 (optional)."),
+                io.Combo.Input("method", options=methods, default=methods[0],
+                               tooltip="style / edit (timestep zero): style-reference and edit LoRAs (ostris' "
+                                       "Krea 2 edit / style LoRAs, Comfy-Org's krea2_style_reference): reference "
+                                       "tokens at t = 0 (index_timestep_zero). identity edit: identity-edit "
+                                       "LoRAs, reference tokens at the real t (index)."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Image-grounded text conditioning with the reference latents "
+                                                    "and their method.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, vae, image, method, image2=None, image3=None) -> io.NodeOutput:
+        if clip is None or vae is None:
+            raise Krea2Error("Krea2ReferenceEncode: the clip and vae inputs must be connected.")
+        images = [im for im in (image, image2, image3) if im is not None]
+        return io.NodeOutput(host_clip.encode_reference(clip, vae, text, images, method))

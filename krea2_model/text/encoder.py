@@ -112,10 +112,16 @@ class Krea2TextEncoder:
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, not {type(text).__name__}")
         prepared, merge = self._prepare_images(images)
-        p = build_image_prompt_ids(self.tokenizer, text, [g[1] * g[2] // merge ** 2 for _, g, _ in prepared],
-                                   max_tokens)
+        p = build_image_prompt_ids(self.tokenizer, text, image_token_counts(prepared, merge), max_tokens)
+        return self.encode_image_ids(p, prepared, taps, device, dtype)
+
+    @torch.no_grad()
+    def encode_image_ids(self, p, prepared: list, taps: Sequence[int] = DEFAULT_TAPS, device=None,
+                         dtype=None) -> Encoding:
+        """The conditioning of prompt ids ``p`` (:class:`~krea2_model.text.prompt.ImagePromptIds`) whose image
+        spans hold ``prepared`` images (:func:`krea2_model.text.images.prepare` results, in order)."""
         dev = self._device(device)
-        vis = self._vision_inputs(p.ids, p.image_spans, prepared, merge, dev, dtype)
+        vis = self._vision_inputs(p.ids, p.image_spans, prepared, self.vision.config.merge, dev, dtype)
         ids = torch.tensor([p.ids], dtype=torch.long, device=dev)
         h = self.model(ids, taps, dtype=dtype, vision=vis)[:, p.prefix_len:]
         return Encoding(h, p.real_tokens, p.prompt_tokens_total)
@@ -145,8 +151,7 @@ class Krea2TextEncoder:
         vis = None
         if images:
             prepared, merge = self._prepare_images(images)
-            ids, spans = expand_image_pads(ids, self.tokenizer.token_id(IMAGE_PAD),
-                                           [g[1] * g[2] // merge ** 2 for _, g, _ in prepared])
+            ids, spans = expand_image_pads(ids, self.tokenizer.token_id(IMAGE_PAD), image_token_counts(prepared, merge))
             vis = self._vision_inputs(ids, spans, prepared, merge, dev, dtype)
         stop = [self.tokenizer.token_id(IM_END)]
         return generate(self.model, ids, vision=vis, max_new=max_new, stop_ids=stop, dtype=dtype, device=dev,
@@ -180,6 +185,11 @@ class Krea2TextEncoder:
             mask[start:start + count] = True
         merged = [(gh // merge, gw // merge) for _, gh, gw in grids]
         return VisionInputs(mask, tokens, deep, mrope_positions(len(ids), spans, merged, dev))
+
+
+def image_token_counts(prepared: list, merge: int = 2) -> list:
+    """Vision tokens each prepared image becomes: its patch count over the ``merge x merge`` group size."""
+    return [t * gh * gw // merge ** 2 for _, (t, gh, gw), _ in prepared]
 
 
 def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", operations=None,

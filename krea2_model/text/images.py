@@ -98,3 +98,18 @@ def prepare(image: torch.Tensor, name: str = "image", max_pixels: int = MAX_PIXE
     pixels = (resize(rgb, size) - IMAGE_MEAN) / IMAGE_STD
     patches, grid = patchify(pixels)
     return patches, grid, size
+
+
+#: Reference latents: images downscaled (never upscaled) to at most 1 megapixel with sides on a 16 px grid
+#: (VAE factor 8 x patch 2), as ai-toolkit prepares Krea 2's edit / style training pairs.
+REFERENCE_PIXELS = 1024 * 1024
+REFERENCE_GRID = 16
+
+
+def reference_pixels(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """A ComfyUI IMAGE -> the ``(1, h, w, 3)`` IMAGE a VAE encodes into the image's reference latent: RGB
+    (as :func:`as_rgb`), at the size :func:`vision_size` gives for 1 MP on the 16 px grid, bicubic with
+    antialiasing."""
+    rgb = as_rgb(image, name)
+    size = vision_size(rgb.shape[1], rgb.shape[2], REFERENCE_PIXELS, REFERENCE_GRID)
+    return resize(rgb, size).permute(1, 2, 0)[None].contiguous()

@@ -98,25 +98,31 @@ class ImagePromptIds(PromptIds):
 
 
 def build_image_prompt_ids(tok: QwenTokenizer, text: str, image_tokens, max_tokens: int = MAX_TOKENS,
-                           warn: bool = True) -> ImagePromptIds:
-    """Token ids of ``PREFIX + image_labels(n) + text`` (+ ``SUFFIX``) with each image's pad repeated
+                           warn: bool = True, prefix: str = PREFIX, suffix_text: str = SUFFIX,
+                           labels: bool = True) -> ImagePromptIds:
+    """Token ids of ``prefix + image_labels(n) + text`` (+ ``suffix_text``) with each image's pad repeated
     ``image_tokens[i]`` times (one per merged vision token). The ``max_tokens - 5`` budget applies to the
-    prompt text's tokens only (those after the last image); truncation warns with the counts."""
+    prompt text's tokens only (those after the last image); truncation warns with the counts.
+
+    ``prefix`` / ``suffix_text``: another chat template around the user turn (a host's, e.g. Qwen-Image-Edit's
+    system prompt); ``labels=False`` when ``text`` already holds the ``Picture N: <|vision_start|>...``
+    blocks itself (as ComfyUI's TextEncodeQwenImageEditPlus writes them)."""
     image_tokens = [int(n) for n in image_tokens]
     pad = tok.token_id(IMAGE_PAD)
     if pad is None or tok.token_id(VISION_START) is None or tok.token_id(VISION_END) is None:
         raise Krea2Error(f"{tok.where}: this tokenizer has no {VISION_START} / {IMAGE_PAD} / {VISION_END} special "
                          "tokens, so it cannot place images in a prompt; use the Qwen3-VL tokenizer.")
-    suffix = tok.encode(SUFFIX)
+    suffix = tok.encode(suffix_text)
     budget = max_tokens - len(suffix)
     if budget < 0:
         raise ValueError(f"max_tokens {max_tokens} is below the {len(suffix)}-token assistant suffix")
-    full = tok.encode(PREFIX + image_labels(len(image_tokens)) + text)
+    full = tok.encode(prefix + (image_labels(len(image_tokens)) if labels else "") + text)
     n = prefix_length(tok, full)
     pads = [i for i, t in enumerate(full) if t == pad]
     if len(pads) != len(image_tokens):
-        raise Krea2Error(f"{tok.where}: the prompt text itself contains '{IMAGE_PAD}' tokens; remove them (images "
-                         "are given as images).")
+        raise Krea2Error(f"{tok.where}: the prompt holds {len(pads)} '{IMAGE_PAD}' tokens for {len(image_tokens)} "
+                         f"images; give each image exactly one '{VISION_START}{IMAGE_PAD}{VISION_END}' block (and no "
+                         "other image-pad tokens in the text).")
     text_start = full.index(tok.token_id(VISION_END), pads[-1]) + 1 if pads else n
     total = len(full) - text_start
     kept = min(total, budget)

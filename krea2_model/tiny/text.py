@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import torch
 
 from ..formats.text_file import expected_text_shapes, infer_text_config
 from ..text.prompt import PREFIX
+from ..formats.tensors import module_shapes
 from ..text.qwen3 import Qwen3TextConfig, mrope_section
+from ..text.vision import Qwen3VisionConfig, Qwen3VisionModel
 from ..text.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, QWEN_SPLIT, VISION_END, VISION_START
 from .transformer import write_shards
 
@@ -52,7 +55,7 @@ CONFIGS = {
 #: taps that fit each tiny config (the deepest below the last layer, so a later layer is skipped)
 TAPS = {"tiny": (1, 3, 4), "tiny-mha": (0, 2), "tiny-qwen-vocab": (1, 3, 4), "bench": (2, 5, 8, 11),
         "full": None}
-LAYOUTS = ("full", "full-fp8", "full-legacy", "text", "bare", "hf-folder")
+LAYOUTS = ("full", "full-fp8", "full-legacy", "text", "bare", "hf-folder", "full-vl")
 SPECIALS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD)
 _EXTRA_WORDS = ("a cat sits on red mat under the blue sky with two dogs and a small house near green trees photo "
                 "of portrait woman man city street night light water mountain river").split()
@@ -109,9 +112,37 @@ def vision_state_dict(cfg: Qwen3TextConfig, seed: int = 1) -> dict:
     return {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
 
 
+def tiny_vision_config(cfg: Qwen3TextConfig) -> Qwen3VisionConfig:
+    """A complete tiny Qwen3-VL vision tower feeding ``cfg``'s width (Qwen's patch, frames and merge; a 4 x 4
+    learned position grid; DeepStack after block 0)."""
+    return Qwen3VisionConfig(hidden=64, depth=2, heads=16, mlp_hidden=96, out_hidden=cfg.hidden, positions=16,
+                             deepstack=(0,))
+
+
+def random_vision_state_dict(vcfg: Qwen3VisionConfig, seed: int = 2) -> dict:
+    """Random weights for a complete vision tower (fan-in scaled, LayerNorms near 1), bf16-exact."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in module_shapes(lambda: Qwen3VisionModel(vcfg)).items():
+        if "norm" in k and k.endswith(".weight"):
+            t = 1.0 + 0.2 * torch.randn(shape, generator=g)
+        elif k.endswith(".bias") or k == "pos_embed.weight":
+            t = 0.2 * torch.randn(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) / (math.prod(shape[1:]) ** 0.5)
+        out[k] = t.to(torch.bfloat16).float().contiguous()
+    return out
+
+
 def to_layout(sd: dict, layout: str, cfg: Qwen3TextConfig | None = None) -> dict:
-    """Canonical ``sd`` -> the tensors of ``layout`` (``hf-folder`` gives the folder's combined dict)."""
+    """Canonical ``sd`` -> the tensors of ``layout`` (``hf-folder`` gives the folder's combined dict).
+    ``full-vl``: the full layout with a complete (tiny) vision tower, for image prompts."""
     cfg = cfg or _cfg_of(sd)
+    if layout == "full-vl":
+        out = {"model.language_model." + k: v for k, v in sd.items()}
+        out.update({"model.visual." + k: v for k, v in random_vision_state_dict(tiny_vision_config(cfg)).items()})
+        out["lm_head.weight"] = sd["embed_tokens.weight"].clone()
+        return out
     vision = vision_state_dict(cfg)
     if layout in ("full", "hf-folder"):
         out = {"model.language_model." + k: v for k, v in sd.items()}
@@ -222,7 +253,7 @@ def file_name(config: str, layout: str) -> str:
     base = "qwen3vl_" + config.replace("-", "_")
     return {"full": f"{base}_full.safetensors", "full-fp8": f"{base}_full_fp8_scaled.safetensors",
             "full-legacy": f"{base}_full_legacy.safetensors", "text": f"{base}_text.safetensors",
-            "bare": f"{base}_bare.safetensors", "hf-folder": f"{base}_hf"}[layout]
+            "bare": f"{base}_bare.safetensors", "hf-folder": f"{base}_hf", "full-vl": f"{base}_full_vl.safetensors"}[layout]
 
 
 def write_all(out: str, config: str = "tiny", layouts=LAYOUTS, seed: int = 0, dtype=torch.float32) -> dict:

@@ -22,7 +22,11 @@ import comfy.utils
 
 from ...krea2_model.errors import Krea2Error, first_names
 from ...krea2_model.formats.text_file import TextCheckpoint
-from ...krea2_model.text.prompt import (MAX_TOKENS, SUFFIX_LEN, build_prompt_ids, templated_prompt_span,
+from ...krea2_model.text.encoder import Krea2TextEncoder, image_token_counts
+from ...krea2_model.text.images import MAX_IMAGES, prepare, reference_pixels
+from ...krea2_model.text.tokenizer import IMAGE_PAD
+from ...krea2_model.text.vision import Qwen3VisionConfig, Qwen3VisionModel
+from ...krea2_model.text.prompt import (MAX_TOKENS, SUFFIX_LEN, build_image_prompt_ids, build_prompt_ids, templated_prompt_span,
                                         warn_truncated)
 from ...krea2_model.text.qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
 from ...krea2_model.text.tokenizer import find_tokenizer
@@ -35,12 +39,21 @@ class Krea2ClipModel(torch.nn.Module):
     """``cond_stage_model``: ``transformer`` is our :class:`Qwen3TextModel`; ``encode_token_weights``
     turns our token dict into ``(cond (1, n, taps*hidden), None, {})``."""
 
-    def __init__(self, text_config: dict, device="cpu", dtype=None, model_options=None):
+    def __init__(self, text_config: dict, device="cpu", dtype=None, model_options=None, vision_config=None,
+                 vision_problem=None):
         super().__init__()
         ops = (model_options or {}).get("custom_operations") or comfy.ops.manual_cast
         self.transformer = Qwen3TextModel(Qwen3TextConfig(**text_config), dtype=dtype, device=device, operations=ops)
+        #: the vision tower (when the file has one): a submodule, so the host loads and offloads it with the rest
+        self.visual = Qwen3VisionModel(Qwen3VisionConfig(**vision_config), dtype=dtype, device=device,
+                                       operations=ops) if vision_config else None
+        self.vision_problem = vision_problem
         self.dtypes = {dtype} if dtype is not None else {torch.float32}
         self.execution_device = None
+
+    def encoder(self, tokenizer=None) -> Krea2TextEncoder:
+        """Our pure encoder around the host-managed modules (weights wherever the host put them)."""
+        return Krea2TextEncoder(self.transformer, tokenizer, "Krea 2 text encoder", self.visual, self.vision_problem)
 
     def reset_clip_options(self):
         self.execution_device = None
@@ -64,13 +77,31 @@ class Krea2ClipModel(torch.nn.Module):
         return result
 
     def memory_estimation_function(self, tokens, device=None):
-        n = len(tokens.get(KEY, {}).get("ids", [])) or 512
-        return n * self.transformer.config.hidden * 64
+        t = tokens.get(KEY, {})
+        n = len(t.get("ids", [])) or 512
+        patches = sum(int(x.shape[0]) for x, _, _ in t.get("images", []))
+        vision = patches * self.visual.config.hidden * 64 if self.visual is not None else 0
+        return n * self.transformer.config.hidden * 64 + vision
+
+    def generate(self, tokens, do_sample=True, max_length=256, temperature=1.0, top_k=50, top_p=0.95, min_p=0.0,
+                 repetition_penalty=1.0, seed=None, presence_penalty=0.0):
+        """ComfyUI's ``CLIP.generate`` (TextGenerate): new token ids for the prompt stored by the tokenizer."""
+        t = tokens[KEY]
+        g = t["generate"]
+        dev = self.execution_device or next(self.transformer.parameters()).device
+        return self.encoder(g["tokenizer"]).generate_ids(
+            g["text"], list(g["images"]), thinking=g["thinking"], template=g["template"], max_new=max_length,
+            device=dev, dtype=torch.float32, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, seed=seed)
 
     def encode_token_weights(self, tokens):
         t = tokens[KEY]
         taps = tuple(t.get("taps", DEFAULT_TAPS))
         dev = self.execution_device or next(self.transformer.parameters()).device
+        if t.get("images"):
+            enc = self.encoder().encode_image_ids(t["prompt"], t["images"], taps, dev, torch.float32)
+            return enc.cond.to(mm.intermediate_device(), torch.float32), None, {}
         ids = torch.tensor([t["ids"]], dtype=torch.long, device=dev)
         cfg = self.transformer.config
         deepest = max(taps)
@@ -100,15 +131,57 @@ class Krea2ClipTokenizer:
         self.tok = find_tokenizer(self.tokenizer_source)
         self.told_literal = False
 
-    def tokenize_with_weights(self, text, return_word_ids=False, max_tokens=MAX_TOKENS, taps=DEFAULT_TAPS, **kwargs):
+    def tokenize_with_weights(self, text, return_word_ids=False, max_tokens=MAX_TOKENS, taps=DEFAULT_TAPS,
+                              images=None, llama_template=None, **kwargs):
+        """Our token dict. With ``images`` (core's image path: TextEncodeQwenImageEditPlus passes ``images`` and
+        its own ``llama_template``, TextGenerate ``image``) the images are prepared here and the prompt laid out
+        around them; the generation arguments core passes (``thinking``, ``skip_template``) are kept for
+        :meth:`Krea2ClipModel.generate`."""
+        image = kwargs.pop("image", None)
+        if image is not None and not images:  # TextGenerate: one IMAGE batch, one picture per frame
+            images = [image[i:i + 1] for i in range(image.shape[0])]
+        images = list(images or [])
+        out = self._generation_entry(text, images, llama_template, kwargs)
+        if images:
+            return {KEY: dict(out, **self._image_prompt(text, images, llama_template, max_tokens), taps=tuple(taps))}
         if not self.told_literal and uses_weight_syntax(text):
             self.told_literal = True
             log.warning("Krea 2: the prompt uses ComfyUI's weighting / embedding syntax ('(word:1.2)', 'embedding:'); "
                         "Krea 2's text encoder reads the prompt literally, as the reference does, so these are "
                         "encoded as plain text, not as weights or embeddings.")
         p = build_prompt_ids(self.tok, text, max_tokens)
-        return {KEY: {"ids": list(p.ids), "prefix_len": p.prefix_len, "prompt_tokens": p.prompt_tokens,
-                      "prompt_tokens_total": p.prompt_tokens_total, "taps": tuple(taps)}}
+        return {KEY: dict(out, ids=list(p.ids), prefix_len=p.prefix_len, prompt_tokens=p.prompt_tokens,
+                          prompt_tokens_total=p.prompt_tokens_total, taps=tuple(taps))}
+
+    def _generation_entry(self, text, images, llama_template, kwargs) -> dict:
+        thinking = bool(kwargs.get("thinking", False))
+        template = "{}" if kwargs.get("skip_template") or text.startswith("<|im_start|>") else llama_template
+        return {"generate": {"text": text, "images": images, "thinking": thinking, "template": template,
+                             "tokenizer": self.tok}}
+
+    def _image_prompt(self, text, images, llama_template, max_tokens) -> dict:
+        """The conditioning layout of a prompt with images: Krea 2's template with ``Picture N:`` labels, or the
+        host's ``llama_template`` around a text that already holds the image blocks (core's edit node)."""
+        if len(images) > MAX_IMAGES:
+            raise Krea2Error(f"Krea 2 text encoder: {len(images)} images; the reference encoding takes at most "
+                             f"{MAX_IMAGES}.")
+        prepared = [prepare(im, f"image {i + 1}") for i, im in enumerate(images)]
+        counts = image_token_counts(prepared)
+        if llama_template and "{}" in llama_template:
+            head, tail = llama_template.split("{}", 1)
+            labelled = IMAGE_PAD in text
+            p = build_image_prompt_ids(self.tok, text, counts, max_tokens, prefix=head, suffix_text=tail,
+                                       labels=not labelled)
+        else:
+            p = build_image_prompt_ids(self.tok, text, counts, max_tokens)
+        return {"ids": list(p.ids), "prefix_len": p.prefix_len, "prompt_tokens": p.prompt_tokens,
+                "prompt_tokens_total": p.prompt_tokens_total, "prompt": p, "images": prepared}
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def untokenize(self, token_weight_pair):
         return token_weight_pair
@@ -131,7 +204,9 @@ def load_clip(path: str):
     tok_cls = type("Krea2ClipTokenizerFor", (Krea2ClipTokenizer,), {"tokenizer_source": path})
     tok_cls(None)  # tokenizer errors now, at load time, naming the file
     target = comfy.supported_models_base.ClipTarget(tok_cls, Krea2ClipModel)
-    target.params = {"text_config": dict(ck.config.__dict__)}
+    target.params = {"text_config": dict(ck.config.__dict__), "vision_problem": ck.vision_problem}
+    if ck.vision is not None and ck.layout != "gguf":
+        target.params["vision_config"] = dict(ck.vision.config.__dict__)
     n_params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
     if ck.layout == "gguf":  # weights stay quantized, dequantized at cast time: see nodes.host.gguf
         from .gguf import load_gguf_clip
@@ -150,6 +225,11 @@ def load_clip(path: str):
             p = params[k]
             p.copy_(ck.dequantized(k, keep_fp8=p.dtype in fp8))
             pbar.update(1)
+        visual = clip.cond_stage_model.visual
+        if visual is not None:
+            vparams = dict(visual.named_parameters())
+            for k in ck.vision.keys():
+                vparams[k].copy_(ck.vision.dequantized(k, keep_fp8=vparams[k].dtype in fp8))
     log.info("Krea 2: text encoder %s (%s layout, %d layers, hidden %d)", os.path.basename(path.rstrip('/')),
              ck.layout, ck.config.layers, ck.config.hidden)
     return clip
@@ -200,3 +280,29 @@ def encode(clip, text: str, taps=DEFAULT_TAPS, max_tokens: int = MAX_TOKENS):
     name = type(getattr(clip, "cond_stage_model", clip)).__name__
     raise Krea2Error(f"Krea2TextEncode: the clip input is a {name} text encoder, not Krea 2's Qwen3-VL-4B. Load "
                      "qwen3vl_4b with Krea2TextEncoderLoader (or CLIPLoader type krea2).")
+
+
+#: Krea2ReferenceEncode's methods: the reference-latent method each kind of Krea 2 LoRA was trained with.
+REFERENCE_METHODS = {"style / edit (timestep zero)": "index_timestep_zero", "identity edit": "index"}
+
+
+def encode_reference(clip, vae, text: str, images: list, method: str, taps=DEFAULT_TAPS,
+                     max_tokens: int = MAX_TOKENS):
+    """CONDITIONING for Krea2ReferenceEncode: the image-grounded text conditioning (``text`` after
+    ``Picture 1..N``, Krea's template), each image's reference latent (1 MP on the 16 px grid, VAE encoded) and
+    the reference method, in one conditioning."""
+    import node_helpers
+
+    if not is_ours(clip):
+        raise Krea2Error("Krea2ReferenceEncode: the clip input must come from Krea2TextEncoderLoader (the "
+                         "training-matched image layout is ours; core's CLIP uses Qwen-Image-Edit's).")
+    if method not in REFERENCE_METHODS:
+        raise Krea2Error(f"Krea2ReferenceEncode: method must be one of {list(REFERENCE_METHODS)}, got {method!r}.")
+    if not images:
+        raise Krea2Error("Krea2ReferenceEncode: connect at least one image.")
+    tokens = clip.tokenizer.tokenize_with_weights(text, max_tokens=max_tokens, taps=tuple(taps), images=images)
+    cond = clip.encode_from_tokens_scheduled(tokens)
+    latents = [vae.encode(reference_pixels(im, f"image {i + 1}")) for i, im in enumerate(images)]
+    return node_helpers.conditioning_set_values(cond, {"reference_latents": latents,
+                                                       "reference_latents_method": REFERENCE_METHODS[method]},
+                                                append=False)

@@ -92,7 +92,8 @@ def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
         os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
     paths["turbo"] = tiny.write(transformer_state(1), os.path.join(models_dir, "diffusion_models", TURBO), "comfy")
     paths["raw"] = tiny.write(transformer_state(2), os.path.join(models_dir, "diffusion_models", RAW), "original")
-    paths["text"] = tiny_text.write(text_state(0), os.path.join(models_dir, "text_encoders", TEXT), "full",
+    # with a complete (tiny) vision tower, so image prompts and the reference example run on it too
+    paths["text"] = tiny_text.write(text_state(0), os.path.join(models_dir, "text_encoders", TEXT), "full-vl",
                                     HOST_TEXT_CFG)
     from safetensors.torch import save_file
     from krea2_model.tiny import lora as tiny_lora
