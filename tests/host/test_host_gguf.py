@@ -197,3 +197,21 @@ def test_lora_on_gguf_equals_lora_on_the_dequantized_model_and_unpatches_exactly
     assert rel(plain, want_plain) <= 1e-5, rel(plain, want_plain)
     assert rel(got, want) <= 1e-5, rel(got, want)
     assert rel(got2, want2) <= 1e-5, rel(got2, want2)  # the second image, after an unload: no lost patch
+
+
+def test_core_lora_loader_on_the_gguf_model_equals_ours(gh):
+    """Core's LoraLoaderModelOnly on our GGUF MODEL patches at cast time too (the stored blocks cannot take a
+    patch), and gives what Krea2LoraLoader gives."""
+    ours = graph("gguf_lora_ours", loras=[(LORA, 0.7)], seed=5)
+    run(gh, ours)
+    core = copy.deepcopy(ours)
+    lk = next(k for k, n in core.items() if n["class_type"] == "Krea2LoraLoader")
+    core[lk] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": core[lk]["inputs"]["model"],
+                                                               "lora_name": LORA, "strength_model": 0.7}}
+    nodes_of(core, "SaveLatent")[0][1]["inputs"]["filename_prefix"] = "gguf_lora_core"
+    run(gh, core)
+    a, b = (read_latent(saved(gh, p, ".latent")) for p in ("gguf_lora_ours", "gguf_lora_core"))
+    plain = graph("gguf_lora_none", seed=5)
+    run(gh, plain)
+    assert rel(b, a) <= 1e-5, rel(b, a)
+    assert rel(a, read_latent(saved(gh, "gguf_lora_none", ".latent"))) > 1e-3, "the LoRA changed nothing"
