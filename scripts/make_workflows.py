@@ -18,6 +18,7 @@ from ui_to_api import WIDGETS, OUTPUTS  # noqa: E402
 OUT = os.path.join(HERE, "..", "example_workflows")
 NEGATIVE = ("blurry, low quality, jpeg artifacts, watermark, text overlay, deformed hands, extra fingers, "
             "oversaturated, cartoon")
+STYLE_PROMPT = "A lighthouse on a rocky coast at dusk, in the style of the reference image"
 PROMPT = ("A red fox curled up asleep on a moss-covered stone in a misty pine forest at dawn, soft golden light "
           "through the trees, shallow depth of field, photograph")
 
@@ -46,6 +47,22 @@ def graph_turbo(lora=False):
     return g
 
 
+def graph_style_reference():
+    """Turbo with one reference image through Krea2ReferenceEncode (the training-matched encoding), and a
+    style-reference LoRA slot as in Comfy-Org's Krea 2 style-reference template."""
+    g = graph_turbo()
+    g["lora"] = ("Krea2LoraLoader", {"model": ("model", 0), "lora_name": "krea2_style_reference.safetensors",
+                                     "strength": 1.0})
+    g["sampling"][1]["model"] = ("lora", 0)
+    g["image"] = ("LoadImage", {"image": "krea2_reference.png"})
+    g["pos"] = ("Krea2ReferenceEncode", {"clip": ("clip", 0), "text": STYLE_PROMPT, "vae": ("vae", 0),
+                                         "image": ("image", 0), "method": "style / edit (timestep zero)"})
+    g["save"][1]["filename_prefix"] = "krea2_style_reference"
+    order = ["model", "lora", "sampling", "clip", "vae", "image", "pos", "neg", "latent", "ksampler", "decode",
+             "save"]
+    return {k: g[k] for k in order}
+
+
 def graph_raw():
     return {
         "model": ("Krea2ModelLoader", {"model_name": "krea2_raw_bf16.safetensors", "weight_dtype": "default"}),
@@ -66,7 +83,9 @@ def graph_raw():
 TITLES = {"pos": "Prompt", "neg": "Negative prompt"}
 # body height (px) per node type at width 380: slots + widgets (20 px each), the prompt box, the preview
 HEIGHTS = {"Krea2ModelSampling": 160, "Krea2TextEncode": 200, "KSampler": 270, "Krea2LoraLoader": 140,
-           "EmptySD3LatentImage": 110, "SaveImage": 300}
+           "EmptySD3LatentImage": 110, "SaveImage": 300, "LoadImage": 340, "Krea2ReferenceEncode": 280}
+#: widget values a UI file holds after the listed widgets (LoadImage's upload button)
+TRAILING_WIDGETS = {"LoadImage": ["image"]}
 # values of our nodes' optional (advanced) widgets, written out so UI and API twins say the same
 DEFAULTS = {
     "Krea2ModelSampling": {"base_shift": 0.5, "max_shift": 1.15},
@@ -101,7 +120,7 @@ def to_ui(g):
                 links.append([lid, ids[v[0]], v[1], ids[name], None, typ, k])
                 out_links.setdefault((v[0], v[1]), []).append(lid)
     order = {name: i for i, name in enumerate(g)}
-    cols = {"model": 0, "clip": 0, "vae": 0, "latent": 1, "sampling": 1, "lora": 1, "pos": 1, "neg": 1,
+    cols = {"model": 0, "clip": 0, "vae": 0, "image": 0, "latent": 1, "sampling": 1, "lora": 1, "pos": 1, "neg": 1,
             "ksampler": 2, "decode": 3, "save": 3}
     rows = {}
     for name, (cls, inputs) in g.items():
@@ -122,6 +141,7 @@ def to_ui(g):
             widgets.append(inputs[wname])
             if control:
                 widgets.append("fixed")
+        widgets += TRAILING_WIDGETS.get(cls, [])
         outputs = [{"name": t, "type": t, "links": out_links.get((name, i), []), "slot_index": i}
                    for i, t in enumerate(OUTPUTS[cls])]
         node = {"id": ids[name], "type": cls, "pos": [40 + 420 * col, 40 + row], "size": [380, height],
@@ -138,7 +158,8 @@ def to_ui(g):
 
 def main():
     for fname, g0 in (("krea2_turbo_text_to_image", graph_turbo()), ("krea2_raw_text_to_image", graph_raw()),
-                     ("krea2_turbo_lora", graph_turbo(lora=True))):
+                     ("krea2_turbo_lora", graph_turbo(lora=True)),
+                     ("krea2_turbo_style_reference", graph_style_reference())):
         g = with_defaults(g0)
         with open(os.path.join(OUT, fname + ".json"), "w") as f:
             json.dump(to_ui(g), f, indent=1)

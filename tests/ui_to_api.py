@@ -23,13 +23,15 @@ WIDGETS = {
     "VAELoader": [("vae_name", False)],
     "VAEDecode": [],
     "SaveImage": [("filename_prefix", False)],
+    "LoadImage": [("image", False)],  # its upload button's value follows in the UI file; not exported
+    "Krea2ReferenceEncode": [("text", False), ("method", False)],
 }
 # node type -> output types
 OUTPUTS = {
     "Krea2ModelLoader": ["MODEL"], "Krea2ModelSampling": ["MODEL"], "Krea2TextEncoderLoader": ["CLIP"],
     "Krea2TextEncode": ["CONDITIONING"], "Krea2LoraLoader": ["MODEL"], "ConditioningZeroOut": ["CONDITIONING"],
     "EmptySD3LatentImage": ["LATENT"], "KSampler": ["LATENT"], "VAELoader": ["VAE"], "VAEDecode": ["IMAGE"],
-    "SaveImage": [],
+    "SaveImage": [], "LoadImage": ["IMAGE", "MASK"], "Krea2ReferenceEncode": ["CONDITIONING"],
 }
 
 

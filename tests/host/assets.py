@@ -38,6 +38,8 @@ VAE = "qwen_image_vae.safetensors"
 LORA = "krea2_style_lora.safetensors"            # the LoRA example's file name (native names)
 LORA_DIFFUSERS = "krea2_style_lora_diffusers.safetensors"  # the same LoRA in diffusers names
 LORA_FUSED = "krea2_fused_qkv_lora.safetensors"  # LyCORIS with fused qkv
+STYLE_LORA = "krea2_style_reference.safetensors"  # the style-reference example's LoRA slot
+REFERENCE_IMAGE = "krea2_reference.png"           # the style-reference example's LoadImage file (input/)
 
 _VAE_SCRIPT = textwrap.dedent("""
     import math, sys, torch
@@ -85,6 +87,18 @@ def make_interop_assets(models_dir: str) -> dict:
     }
 
 
+def write_reference_image(path: str) -> str:
+    """A 96 x 160 RGB PNG of smooth colour bands (seeded noise on top), for the reference examples."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    y, x = np.mgrid[0:96, 0:160]
+    rng = np.random.default_rng(5)
+    rgb = np.stack([x / 160.0, y / 96.0, 0.5 + 0.5 * np.sin(x / 9.0)], axis=-1) + rng.normal(0, 0.05, (96, 160, 3))
+    Image.fromarray((rgb.clip(0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
 def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
     """Write every asset under ``models_dir/{diffusion_models,text_encoders,vae,loras}``; returns their paths."""
     paths = {}
@@ -98,10 +112,12 @@ def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
     from safetensors.torch import save_file
     from krea2_model.tiny import lora as tiny_lora
     for key, name, style in (("lora", LORA, "comfy"), ("lora_diffusers", LORA_DIFFUSERS, "diffusers"),
-                             ("lora_fused", LORA_FUSED, "lycoris-fused")):
+                             ("lora_fused", LORA_FUSED, "lycoris-fused"), ("style_lora", STYLE_LORA, "aitoolkit")):
         lo = tiny_lora.make_lora(HOST_CFG, style, seed=7, rank=4)
         paths[key] = os.path.join(models_dir, "loras", name)
         save_file({k: v.clone().contiguous() for k, v in lo.state_dict.items()}, paths[key], metadata=lo.metadata or None)
+    paths["reference_image"] = write_reference_image(os.path.join(os.path.dirname(models_dir), "input",
+                                                                  REFERENCE_IMAGE))
     paths["vae"] = os.path.join(models_dir, "vae", VAE)
     r = subprocess.run([host_python, "-c", _VAE_SCRIPT, paths["vae"], comfy_root], capture_output=True, text=True,
                        timeout=300)
