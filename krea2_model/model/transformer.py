@@ -431,10 +431,14 @@ class Krea2Transformer(nn.Module):
         return torch.cat(tokens, dim=1), grids
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x, sigma, context, attention_mask=None, ref_latents=None, transformer_options=None, **kwargs):
-        """The velocity; see the module docstring. Arguments in native ComfyUI Krea 2's order, so a host
-        wrapper around :meth:`_forward` sees ``x`` first and ``transformer_options`` last (ComfyUI's
-        adapter, ``nodes.host.model``, runs it through the host's DIFFUSION_MODEL wrapper chain)."""
+    def forward(self, x, sigma, context, attention_mask=None, transformer_options=None, *, ref_latents=None,
+                **kwargs):
+        """The velocity; see the module docstring. The public order of DESIGN.md
+        (``x, sigma, context, attention_mask, transformer_options``); references by keyword
+        (``ref_latents``, ``ref_latents_method``). :meth:`_forward` takes native ComfyUI Krea 2's order
+        (``..., attention_mask, ref_latents, transformer_options``), so a host wrapper around it sees ``x``
+        first and ``transformer_options`` last (``nodes.host.model`` runs it through the host's
+        DIFFUSION_MODEL wrapper chain with that order)."""
         return self._forward(x, sigma, context, attention_mask, ref_latents, transformer_options, **kwargs)
 
     def _forward(self, x, sigma, context, attention_mask=None, ref_latents=None, transformer_options=None,

@@ -369,3 +369,24 @@ def test_tiny_generator_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     (path,) = [p for p in os.listdir(tmp_path)]
     assert CanonicalCheckpoint(str(tmp_path / path)).layout == "comfy"
+
+
+def test_public_call_order_is_designs():
+    """DESIGN.md's surface: ``model(x, sigma, context, attention_mask=None, transformer_options=None)``; a
+    5th positional argument is the options dict (references go by keyword)."""
+    import inspect
+    from krea2_model import Krea2Transformer
+    names = list(inspect.signature(Krea2Transformer.forward).parameters)[1:6]
+    assert names == ["x", "sigma", "context", "attention_mask", "transformer_options"]
+    cfg = CONFIGS["tiny"]
+    m = load_transformer(random_state_dict(cfg, 0), dtype=torch.float32)
+    x = torch.randn(1, cfg.channels, 4, 4)
+    ctx = torch.randn(1, 3, cfg.text_taps * cfg.text_dim)
+    seen = []
+
+    def recorder(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        seen.append(extra_options["block_index"])
+        return {"q": q, "k": k, "v": v}
+
+    out = m(x, torch.tensor([0.5]), ctx, None, {"patches": {"attn1_patch": [recorder]}})
+    assert seen == list(range(cfg.layers)) and out.shape == x.shape
