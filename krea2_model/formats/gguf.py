@@ -364,6 +364,9 @@ def load_gguf_text_model(ck, *, dtype=None, device="cpu", operations=None,
     from ..text.qwen3 import Qwen3TextModel
     from .gguf_ops import gguf_operations
 
+    if ck.ignored:
+        log.info("Krea 2: %s: GGUF text model (%d layers, hidden %d); %d tensors not used: %s", ck.where,
+                 ck.config.layers, ck.config.hidden, len(ck.ignored), first_names(ck.ignored, 4))
     ops = gguf_operations(operations)
     with torch.device("meta"):
         model = Qwen3TextModel(ck.config, dtype=dtype, operations=ops)
