@@ -36,6 +36,7 @@ MODEL_REF = "krea2_gguf_test_dequantized.safetensors"
 TEXT = "qwen3vl_gguf_test_Q8_0.gguf"
 TEXT_REF = "qwen3vl_gguf_test_dequantized.safetensors"
 LORA = "krea2_gguf_test_lora.safetensors"
+DORA = "krea2_gguf_test_dora.safetensors"  # DoRA: its exact form reads the real (dequantized) base weights
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS")
 SMALL_TYPES = ("Q8_0", "Q5_1", "Q4_0", "IQ4_NL", "Q5_0", "Q4_1")
 
@@ -89,9 +90,10 @@ def _write_assets(host):
             "qwen3vl.rope.freq_base": float(A.HOST_TEXT_CFG.rope_theta)}
     tiny_gguf.write_gguf(tensors, text, "qwen3vl", "Q8_0", seed=22, metadata=meta)
     save_file(_reference(text, llama_cpp_to_canonical), os.path.join(md, "text_encoders", TEXT_REF))
-    lo = tiny_lora.make_lora(GGUF_CFG, "comfy", seed=23, rank=4)
-    save_file({k: v.clone().contiguous() for k, v in lo.state_dict.items()}, os.path.join(md, "loras", LORA),
-              metadata=lo.metadata or None)
+    for name, style in ((LORA, "comfy"), (DORA, "dora")):
+        lo = tiny_lora.make_lora(GGUF_CFG, style, seed=23, rank=4)
+        save_file({k: v.clone().contiguous() for k, v in lo.state_dict.items()}, os.path.join(md, "loras", name),
+                  metadata=lo.metadata or None)
     if not getattr(host, "_krea2_assets", None):  # the VAE (and the other tiny assets) of the host tier
         host._krea2_assets = A.make_assets(md, host.python, str(host.comfy_dir))
     host.gguf_types = used
@@ -215,3 +217,15 @@ def test_core_lora_loader_on_the_gguf_model_equals_ours(gh):
     run(gh, plain)
     assert rel(b, a) <= 1e-5, rel(b, a)
     assert rel(a, read_latent(saved(gh, "gguf_lora_none", ".latent"))) > 1e-3, "the LoRA changed nothing"
+
+
+def test_dora_on_gguf_reads_the_dequantized_weights(gh):
+    """DoRA normalises by the base weight: on GGUF it must be the dequantized weight (the raw block bytes read
+    as numbers gave silently wrong weights), so it equals DoRA on the gguf-dequantized model."""
+    run(gh, graph("gguf_with_dora", loras=[(DORA, 0.9)], seed=6))
+    run(gh, graph("gguf_ref_dora", MODEL_REF, TEXT_REF, loras=[(DORA, 0.9)], seed=6))
+    run(gh, graph("gguf_without_dora", seed=6))
+    got, want, plain = (read_latent(saved(gh, p, ".latent")) for p in ("gguf_with_dora", "gguf_ref_dora", "gguf_without_dora"))
+    print(f"GGUF DoRA: rel vs dequantized model {rel(got, want):.2e}, DoRA effect {rel(got, plain):.2e}")
+    assert rel(got, plain) > 1e-3, "the DoRA changed nothing"
+    assert rel(got, want) <= 1e-5, rel(got, want)
