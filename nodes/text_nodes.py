@@ -30,7 +30,8 @@ class Krea2TextEncoderLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="Krea2TextEncoderLoader", display_name="Load Krea 2 Text Encoder", category=CATEGORY,
-            description="Loads Qwen3-VL-4B for Krea 2: ComfyUI's full VL files (vision tower ignored), text-only "
+            description="Loads Qwen3-VL-4B for Krea 2: ComfyUI's full VL files (with the vision tower, for image "
+                        "prompts: Krea2ReferenceEncode, TextEncodeQwenImageEditPlus, TextGenerate), text-only "
                         "files, fp8_scaled files, Hugging Face folders and llama.cpp GGUF text-model files (kept "
                         "quantized in memory; needs the gguf package) from models/text_encoders.",
             inputs=[io.Combo.Input("text_encoder_name", options=list_files("text_encoders"),

@@ -52,6 +52,9 @@ AGREED = {
                            "defaults": {"base_shift": 0.5, "max_shift": 1.15},
                            "options": {"variant": ["raw", "turbo"]}},
     "Krea2LoraLoader": {"inputs": ["model", "lora_name", "strength"], "defaults": {"strength": 1.0}},
+    "Krea2ReferenceEncode": {"inputs": ["clip", "text", "vae", "image"],
+                             "defaults": {"method": "style / edit (timestep zero)"},
+                             "options": {"method": ["style / edit (timestep zero)", "identity edit"]}},
 }
 MODEL_WIDGETS = {"model_name", "text_encoder_name", "lora_name", "vae_name", "unet_name", "clip_name",
                  "ckpt_name"}
@@ -292,7 +295,7 @@ def check_defaults(pg: Page) -> list:
             problems.append(f"{cls}: the frontend cannot create it")
             continue
         for name in spec["inputs"]:
-            if name not in fresh and name not in ("model", "clip"):
+            if name not in fresh and name not in ("model", "clip", "vae", "image"):  # link-only inputs
                 problems.append(f"{cls}: a new node has no widget {name!r} ({sorted(fresh)})")
         for name, value in spec.get("defaults", {}).items():
             if fresh.get(name) != value:

@@ -31,6 +31,7 @@ OUR_NODES = {
     "Krea2TextEncode": ["clip", "text"],
     "Krea2ModelSampling": ["model", "variant", "width", "height"],
     "Krea2LoraLoader": ["model", "lora_name", "strength"],
+    "Krea2ReferenceEncode": ["clip", "text", "vae", "image", "method"],  # then the optional image2, image3
 }
 SIZE = 128  # pixels: 16x16 latent, 64 image tokens on the tiny model
 

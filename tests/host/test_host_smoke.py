@@ -16,6 +16,7 @@ FROZEN_NODES = {
     "Krea2TextEncode": ["clip", "text"],
     "Krea2ModelSampling": ["model", "variant", "width", "height"],
     "Krea2LoraLoader": ["model", "lora_name", "strength"],
+    "Krea2ReferenceEncode": ["clip", "text", "vae", "image", "method"],  # then the optional image2, image3
 }
 CATEGORY = "Krea 2"
 
