@@ -64,12 +64,8 @@ def generate(model: Qwen3TextModel, ids: list, *, vision: VisionInputs | None = 
     if do_sample:
         gen = torch.Generator(device="cpu").manual_seed(int(seed) if seed is not None else torch.seed())
     prompt = torch.tensor([ids], dtype=torch.long, device=dev)
-    x = model.embed_tokens(prompt)
-    if dtype is not None:
-        x = x.to(dtype)
+    x = model.embed(prompt, dtype, vision)
     if vision is not None:
-        x = x.clone()
-        x[0, vision.mask] = vision.tokens.to(x.dtype)
         positions = vision.positions.to(dev)
         next_pos = int(positions.max()) + 1
     else:

@@ -231,12 +231,7 @@ class Qwen3TextModel(nn.Module):
         image positions to the output of decoder layer ``k`` (after its tap is taken, as HF records it)."""
         taps = self.check_taps(taps)
         deepest = max(taps)
-        x = self.embed_tokens(input_ids)
-        if dtype is not None:
-            x = x.to(dtype)
-        if vision is not None:
-            x = x.clone()
-            x[0, vision.mask] = vision.tokens.to(x.dtype)
+        x = self.embed(input_ids, dtype, vision)
         l = input_ids.shape[1]
         if positions is None and vision is not None:
             positions = vision.positions
@@ -253,6 +248,16 @@ class Qwen3TextModel(nn.Module):
                 x = x.clone()
                 x[0, vision.mask] += vision.deepstack[i].to(x.dtype)
         return torch.cat([got[t] for t in taps], dim=-1)
+
+    def embed(self, input_ids: torch.Tensor, dtype=None, vision: "VisionInputs | None" = None) -> torch.Tensor:
+        """Token embeddings ``(1, L, hidden)`` in ``dtype``, the image positions holding ``vision``'s tokens."""
+        x = self.embed_tokens(input_ids)
+        if dtype is not None:
+            x = x.to(dtype)
+        if vision is not None:
+            x = x.clone()
+            x[0, vision.mask] = vision.tokens.to(x.dtype)
+        return x
 
     @torch.no_grad()
     def forward_after_prefix(self, input_ids: torch.Tensor, prefix_len: int, taps: Sequence[int] = DEFAULT_TAPS,

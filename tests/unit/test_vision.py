@@ -76,8 +76,9 @@ def image(h, w, seed):
     return torch.rand(1, h, w, 3, generator=g)
 
 
-def reference(ref, hf_tok, text, imgs):
-    """transformers' Qwen3VLModel with the template, pixel values and grids as Qwen's processor makes them."""
+def processor_pixels(imgs):
+    """``(pixel_values, image_grid_thw)`` from transformers' own Qwen2-VL image processor (normalisation 0.5 / 0.5,
+    patchify), given each image at the size our preparation chose (resizing is our documented recipe)."""
     proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
                                     image_std=[0.5] * 3, do_resize=False, do_rescale=False, do_normalize=True)
     pix, grids = [], []
@@ -88,7 +89,12 @@ def reference(ref, hf_tok, text, imgs):
                    input_data_format="channels_last")
         pix.append(out["pixel_values"])
         grids.append(out["image_grid_thw"])
-    grid = torch.cat(grids)
+    return torch.cat(pix), torch.cat(grids)
+
+
+def reference(ref, hf_tok, text, imgs):
+    """transformers' Qwen3VLModel with the template, pixel values and grids as Qwen's processor makes them."""
+    pixel_values, grid = processor_pixels(imgs)
     ids = hf_tok(PREFIX + image_labels(len(imgs)) + text + SUFFIX)["input_ids"]
     pad = ref.config.image_token_id
     expanded, counts = [], iter([int(t * h * w) // 4 for t, h, w in grid.tolist()])
@@ -96,7 +102,7 @@ def reference(ref, hf_tok, text, imgs):
         expanded += [t] * next(counts) if t == pad else [t]
     input_ids = torch.tensor([expanded])
     with torch.no_grad():
-        out = ref(input_ids=input_ids, pixel_values=torch.cat(pix), image_grid_thw=grid,
+        out = ref(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
                   mm_token_type_ids=(input_ids == pad).int(), output_hidden_states=True)
     hs = torch.cat([out.hidden_states[t] for t in TAPS], dim=-1)
     return hs[:, 34:], expanded
@@ -192,26 +198,16 @@ def test_large_image_is_downscaled_with_bounded_memory():
 
 def reference_generate(ref, hf_tok, text, imgs, new_tokens):
     """transformers' ``generate(do_sample=False)`` on the chat turn our :meth:`generate` builds."""
-    proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                                    image_std=[0.5] * 3, do_resize=False, do_rescale=False, do_normalize=True)
     block = VISION_START + IMAGE_PAD + VISION_END
     prompt = "<|im_start|>user\n" + block * len(imgs) + text + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     ids = hf_tok(prompt)["input_ids"]
     kw = {}
     if imgs:
-        pix, grids = [], []
-        for im in imgs:
-            rgb = I.as_rgb(im)
-            px = I.resize(rgb, I.vision_size(rgb.shape[1], rgb.shape[2]))
-            out = proc(images=[px.permute(1, 2, 0).numpy().astype(np.float32)], return_tensors="pt",
-                       input_data_format="channels_last")
-            pix.append(out["pixel_values"])
-            grids.append(out["image_grid_thw"])
-        grid = torch.cat(grids)
+        pixel_values, grid = processor_pixels(imgs)
         counts = iter([int(t * h * w) // 4 for t, h, w in grid.tolist()])
         pad = ref.config.image_token_id
         ids = [x for t in ids for x in ([t] * next(counts) if t == pad else [t])]
-        kw = dict(pixel_values=torch.cat(pix), image_grid_thw=grid)
+        kw = dict(pixel_values=pixel_values, image_grid_thw=grid)
     input_ids = torch.tensor([ids])
     kw["mm_token_type_ids"] = (input_ids == ref.config.image_token_id).int()
     end = hf_tok.convert_tokens_to_ids("<|im_end|>")
