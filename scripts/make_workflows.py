@@ -63,6 +63,23 @@ def graph_style_reference():
     return {k: g[k] for k in order}
 
 
+def graph_core_reference():
+    """Turbo with one reference image through core's nodes (VAEEncode -> ReferenceLatent ->
+    FluxKontextMultiReferenceLatentMethod index_timestep_zero), as Comfy-Org's style-reference template
+    wires native Krea 2, here on our MODEL; the same LoRA slot."""
+    g = graph_style_reference()
+    g["pos"] = ("Krea2TextEncode", {"clip": ("clip", 0), "text": STYLE_PROMPT})
+    g["encode"] = ("VAEEncode", {"pixels": ("image", 0), "vae": ("vae", 0)})
+    g["ref"] = ("ReferenceLatent", {"conditioning": ("pos", 0), "latent": ("encode", 0)})
+    g["method"] = ("FluxKontextMultiReferenceLatentMethod", {"conditioning": ("ref", 0),
+                                                             "reference_latents_method": "index_timestep_zero"})
+    g["ksampler"][1]["positive"] = ("method", 0)
+    g["save"][1]["filename_prefix"] = "krea2_core_reference"
+    order = ["model", "lora", "sampling", "clip", "vae", "image", "encode", "pos", "ref", "method", "neg", "latent",
+             "ksampler", "decode", "save"]
+    return {k: g[k] for k in order}
+
+
 def graph_raw():
     return {
         "model": ("Krea2ModelLoader", {"model_name": "krea2_raw_bf16.safetensors", "weight_dtype": "default"}),
@@ -83,7 +100,8 @@ def graph_raw():
 TITLES = {"pos": "Prompt", "neg": "Negative prompt"}
 # body height (px) per node type at width 380: slots + widgets (20 px each), the prompt box, the preview
 HEIGHTS = {"Krea2ModelSampling": 160, "Krea2TextEncode": 200, "KSampler": 270, "Krea2LoraLoader": 140,
-           "EmptySD3LatentImage": 110, "SaveImage": 300, "LoadImage": 340, "Krea2ReferenceEncode": 280}
+           "EmptySD3LatentImage": 110, "SaveImage": 300, "LoadImage": 340, "Krea2ReferenceEncode": 280,
+           "VAEEncode": 70, "ReferenceLatent": 70, "FluxKontextMultiReferenceLatentMethod": 90}
 #: widget values a UI file holds after the listed widgets (LoadImage's upload button)
 TRAILING_WIDGETS = {"LoadImage": ["image"]}
 # values of our nodes' optional (advanced) widgets, written out so UI and API twins say the same
@@ -120,7 +138,8 @@ def to_ui(g):
                 links.append([lid, ids[v[0]], v[1], ids[name], None, typ, k])
                 out_links.setdefault((v[0], v[1]), []).append(lid)
     order = {name: i for i, name in enumerate(g)}
-    cols = {"model": 0, "clip": 0, "vae": 0, "image": 0, "latent": 1, "sampling": 1, "lora": 1, "pos": 1, "neg": 1,
+    cols = {"model": 0, "clip": 0, "vae": 0, "image": 0, "encode": 1, "ref": 2, "method": 2, "latent": 1,
+            "sampling": 1, "lora": 1, "pos": 1, "neg": 1,
             "ksampler": 2, "decode": 3, "save": 3}
     rows = {}
     for name, (cls, inputs) in g.items():
@@ -159,7 +178,8 @@ def to_ui(g):
 def main():
     for fname, g0 in (("krea2_turbo_text_to_image", graph_turbo()), ("krea2_raw_text_to_image", graph_raw()),
                      ("krea2_turbo_lora", graph_turbo(lora=True)),
-                     ("krea2_turbo_style_reference", graph_style_reference())):
+                     ("krea2_turbo_style_reference", graph_style_reference()),
+                     ("krea2_turbo_reference_core_nodes", graph_core_reference())):
         g = with_defaults(g0)
         with open(os.path.join(OUT, fname + ".json"), "w") as f:
             json.dump(to_ui(g), f, indent=1)

@@ -25,6 +25,8 @@ WIDGETS = {
     "SaveImage": [("filename_prefix", False)],
     "LoadImage": [("image", False)],  # its upload button's value follows in the UI file; not exported
     "Krea2ReferenceEncode": [("text", False), ("method", False)],
+    "VAEEncode": [], "ReferenceLatent": [],
+    "FluxKontextMultiReferenceLatentMethod": [("reference_latents_method", False)],
 }
 # node type -> output types
 OUTPUTS = {
@@ -32,6 +34,7 @@ OUTPUTS = {
     "Krea2TextEncode": ["CONDITIONING"], "Krea2LoraLoader": ["MODEL"], "ConditioningZeroOut": ["CONDITIONING"],
     "EmptySD3LatentImage": ["LATENT"], "KSampler": ["LATENT"], "VAELoader": ["VAE"], "VAEDecode": ["IMAGE"],
     "SaveImage": [], "LoadImage": ["IMAGE", "MASK"], "Krea2ReferenceEncode": ["CONDITIONING"],
+    "VAEEncode": ["LATENT"], "ReferenceLatent": ["CONDITIONING"], "FluxKontextMultiReferenceLatentMethod": ["CONDITIONING"],
 }
 
 

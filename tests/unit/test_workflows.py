@@ -10,12 +10,14 @@ from tests.ui_to_api import ui_to_api
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 UI_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
-NODE_IDS = {"Krea2ModelLoader", "Krea2TextEncoderLoader", "Krea2TextEncode", "Krea2ModelSampling", "Krea2LoraLoader"}
+NODE_IDS = {"Krea2ModelLoader", "Krea2TextEncoderLoader", "Krea2TextEncode", "Krea2ModelSampling", "Krea2LoraLoader",
+            "Krea2ReferenceEncode"}
 
 
 def test_examples_exist():
     names = {os.path.basename(p) for p in UI_FILES}
-    assert {"krea2_turbo_text_to_image.json", "krea2_raw_text_to_image.json", "krea2_turbo_lora.json"} <= names
+    assert {"krea2_turbo_text_to_image.json", "krea2_raw_text_to_image.json", "krea2_turbo_lora.json",
+            "krea2_turbo_style_reference.json", "krea2_turbo_reference_core_nodes.json"} <= names
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=os.path.basename)
