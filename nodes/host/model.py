@@ -115,7 +115,7 @@ class Krea2ModelConfig(comfy.supported_models_base.BASE):
     def get_model(self, state_dict, prefix="", device=None):
         return Krea2BaseModel(self, device=device)
 
-    def clip_target(self, state_dict={}):
+    def clip_target(self, state_dict=None):
         return None
 
 
