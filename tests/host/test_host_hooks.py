@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from comfy_host import PACK_DIRNAME
 from krea2_model.tiny import transformer as tiny
 from tests.host import assets as A
+from tests.host.test_host_interop import native_host
 from tests.host.test_host_nodes import ROOT, SIZE, read_latent, rel, run, saved
 
 pytestmark = pytest.mark.host
@@ -32,12 +33,7 @@ MOVED = {}                                # case -> (moved ours, moved native, o
 
 @pytest.fixture(scope="module")
 def nh(host):
-    if not host.native_krea2:
-        pytest.skip(f"ComfyUI {host.version} has no native Krea 2")
-    host.root = str(host.comfy_dir)
-    host.pack_dir = str(host.custom_nodes_dir / PACK_DIRNAME)
-    if not getattr(host, "_krea2_interop", None):
-        host._krea2_interop = A.make_interop_assets(str(host.models_dir))
+    host = native_host(host)
     if not getattr(host, "_krea2_hooks", None):
         tiny.write(tiny.random_state_dict(A.INTEROP_CFG, 23), os.path.join(host.models_dir, "diffusion_models",
                                                                             MERGE_B), "comfy")

@@ -19,8 +19,9 @@ from tests.host.test_host_nodes import ROOT, SIZE, read_latent, reference, rel, 
 pytestmark = pytest.mark.host
 
 
-@pytest.fixture(scope="module")
-def nh(host):
+def native_host(host):
+    """The main host with native Krea 2 and the interop assets (a model native can build, a text encoder whose
+    taps fit it); skips on a host without native Krea 2."""
     if not host.native_krea2:
         pytest.skip(f"ComfyUI {host.version} has no native Krea 2")
     host.root = str(host.comfy_dir)
@@ -28,6 +29,11 @@ def nh(host):
     if not getattr(host, "_krea2_interop", None):
         host._krea2_interop = A.make_interop_assets(str(host.models_dir))
     return host
+
+
+@pytest.fixture(scope="module")
+def nh(host):
+    return native_host(host)
 
 
 def native_graph(prefix, encoder="Krea2TextEncode", seed=21, steps=6, cfg=4.5):
