@@ -10,7 +10,10 @@ One prepared call (well under 8 minutes on an H100): the full model (hidden 6144
   cached (what every step but the first of a sample costs);
 * native ComfyUI (``comfy.ldm.krea2.model.SingleStreamDiT`` from the tree at ``COMFYUI_PATH``, else
   ``~/comfy/ComfyUI``), with the attention ComfyUI picks for the device and with PyTorch SDPA;
-* the floor: the bf16 GEMMs and attention kernels of one forward of ours, replayed alone.
+* the floor: the bf16 GEMMs and attention kernels of one forward of ours, replayed alone;
+* ours with GGUF Q8_0 weights (``krea2_model.formats.gguf_ops``): every Linear weight packed in memory as
+  Q8_0 blocks (made on the device from the same random weights) and dequantized per layer at call time,
+  the way a ``.gguf`` file runs; its output is compared with the bf16 model's.
 
 Importing ComfyUI's model needs psutil, einops, comfy-aimdo and comfy-kitchen beside torch; put
 them in ``benchmarks/.hostdeps`` (``pip install --no-deps --target benchmarks/.hostdeps ...``) when
@@ -71,6 +74,35 @@ def random_weights(cfg, dtype, device, seed=0):
             t.normal_(0.0, shape[-1] ** -0.5, generator=g)
         sd[k] = t
     return sd
+
+
+def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
+    """``w (rows, cols)`` as GGUF Q8_0 bytes ``(rows, cols / 32 * 34)``: per 32 values an fp16 scale
+    ``d = max|x| / 127`` then the 32 int8 values ``round(x / d)`` (the block layout of DESIGN.md)."""
+    rows, cols = w.shape
+    x = w.float().reshape(-1, 32)
+    d = x.abs().amax(dim=1, keepdim=True) / 127.0
+    q = torch.where(d > 0, x / d.clamp_min(1e-30), torch.zeros_like(x)).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], dim=1).reshape(rows, cols // 32 * 34)
+
+
+def build_gguf_q8(cfg, sd, dtype):
+    """Our model with every Linear weight as packed Q8_0 blocks (dequantized at call time), other tensors the
+    ``sd`` ones (shared)."""
+    from krea2_model.formats.gguf_ops import GGUFOps
+    with torch.device("meta"):
+        m = Krea2Transformer(cfg, dtype=dtype, operations=GGUFOps)
+    dense = {}
+    for k, v in sd.items():
+        mod_name, _, name = k.rpartition(".")
+        mod = m.get_submodule(mod_name)
+        if name == "weight" and getattr(mod, "gguf_capable", False) and v.ndim == 2 and v.shape[1] % 32 == 0:
+            mod._parameters["weight"] = torch.nn.Parameter(q8_0_blocks(v), requires_grad=False)
+            mod.gguf_qtype, mod.gguf_shape = "Q8_0", torch.Size(v.shape)
+        else:
+            dense[k] = v
+    m.load_state_dict(dense, assign=True, strict=False)
+    return m.eval()
 
 
 def load_native(device_is_cpu: bool):
@@ -170,8 +202,13 @@ def main(argv=None):
 
     cases = {"ours": lambda: ours_nc(x, sigma, ctx), "ours, cached text": lambda: ours(x, sigma, ctx.clone())}
     checks = {}
+    gguf = build_gguf_q8(cfg, sd, dtype)
+    gguf.cache_text = False
+    cases["ours, GGUF Q8_0 weights (dequantized per layer)"] = lambda: gguf(x, sigma, ctx)
     with torch.inference_mode():
         ref = ours_nc(x, sigma, ctx).float()
+        out_q8 = gguf(x, sigma, ctx).float()
+        checks["GGUF Q8_0"] = ((out_q8 - ref).norm() / ref.norm()).item()
         if nm is not None:
             nat = native.cases(lambda: nm(x, sigma, ctx))
             cases.update(nat)
@@ -200,8 +237,9 @@ def main(argv=None):
                      " ".join(f"{t * 1000:.1f}" for t in times[name])])
     txt = _common.fmt_table(["case", "median ms", "time / ours", "peak GiB above weights", "runs ms"], rows)
     txt += f"\n\nours / floor = {t_ours / med['floor (bf16 GEMM + attention kernels)']:.3f}"
-    if checks:
+    if "native ComfyUI" in checks:
         txt += f"; native vs ours rel. diff {checks['native ComfyUI']:.1e}"
+    txt += f"; GGUF Q8_0 vs bf16 weights rel. diff {checks['GGUF Q8_0']:.1e}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         weights = sum(v.numel() * v.element_size() for v in sd.values())
