@@ -24,6 +24,17 @@ def count_indices(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
 
 
+def shape_getter(shapes: dict, where: str, what: str):
+    """``need(key) -> shape`` over canonical ``shapes`` for config inference: a missing sizing tensor is a
+    :class:`MissingTensorsError` naming the file, the ``what`` tensor (e.g. ``"Krea 2"``) and the key."""
+    def need(key):
+        if key not in shapes:
+            raise MissingTensorsError(f"{where}: the {what} tensor '{key}' is missing, so the model size cannot be "
+                                      "inferred. The file is incomplete; download it again.")
+        return shapes[key]
+    return need
+
+
 def check_tensors(shapes: dict, want: dict, where: str, what: str, file_key, size: str) -> None:
     """Raise :class:`MissingTensorsError` (count and first names) or :class:`ShapeMismatchError` (file key,
     shape seen, shape expected) unless canonical ``shapes`` cover ``want``. ``file_key`` maps a canonical

@@ -22,12 +22,12 @@ from typing import Callable
 
 import torch
 
-from ..errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, WrongTextEncoderError, first_names
+from ..errors import NotKrea2Error, ShapeMismatchError, WrongTextEncoderError, first_names
 from ..text.qwen3 import Qwen3TextConfig, Qwen3TextModel
 from ..text.vision import Qwen3VisionConfig, Qwen3VisionModel, default_deepstack
 from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize
 from .safetensors_io import TensorSource, open_source
-from .tensors import check_tensors, count_indices, module_shapes, set_tensor
+from .tensors import check_tensors, count_indices, module_shapes, set_tensor, shape_getter
 
 log = logging.getLogger("krea2")
 
@@ -122,11 +122,7 @@ def _read_hf_config(source) -> dict:
 def infer_text_config(shapes: dict, where: str = "checkpoint", hf: dict | None = None) -> Qwen3TextConfig:
     """A :class:`Qwen3TextConfig` from canonical ``{key: shape}``; eps and rope theta from ``hf`` (an HF
     ``config.json``'s text settings) when given, else Qwen3-VL-4B's. Head size comes from ``q_norm``."""
-    def need(key):
-        if key not in shapes:
-            raise MissingTensorsError(f"{where}: the text-encoder tensor '{key}' is missing, so the model size cannot "
-                                      "be inferred. The file is incomplete; download it again.")
-        return shapes[key]
+    need = shape_getter(shapes, where, "text-encoder")
 
     hf = hf or {}
     vocab, hidden = need("embed_tokens.weight")

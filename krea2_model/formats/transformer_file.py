@@ -19,11 +19,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import MissingTensorsError, NotKrea2Error, ShapeMismatchError, first_names
+from ..errors import NotKrea2Error, ShapeMismatchError, first_names
 from ..model.transformer import Krea2Config, Krea2Transformer
 from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize
 from .safetensors_io import TensorSource, open_source
-from .tensors import check_tensors, count_indices, module_shapes, set_tensor
+from .tensors import check_tensors, count_indices, module_shapes, set_tensor, shape_getter
 
 log = logging.getLogger("krea2")
 
@@ -146,11 +146,7 @@ def _fix_shape(key: str, t: torch.Tensor) -> torch.Tensor:
 
 def infer_config(shapes: dict, where: str = "checkpoint") -> Krea2Config:
     """A :class:`Krea2Config` from canonical ``{key: shape}``. Head size comes from the q/k norm length."""
-    def need(key):
-        if key not in shapes:
-            raise MissingTensorsError(f"{where}: the Krea 2 tensor '{key}' is missing, so the model size cannot be "
-                                      "inferred. The file is incomplete; download it again.")
-        return shapes[key]
+    need = shape_getter(shapes, where, "Krea 2")
 
     hidden, in_ch = need("first.weight")
     head_dim = need("blocks.0.attn.qknorm.qnorm.scale")[0]

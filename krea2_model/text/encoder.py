@@ -203,8 +203,7 @@ def load_text_encoder(source, *, tokenizer=None, dtype=None, device="cpu", opera
     ck = TextCheckpoint(source)
     tok = find_tokenizer(source if isinstance(source, (str, os.PathLike)) else None, tokenizer)
     model = load_text_model(ck, dtype=dtype, device=device, operations=operations, progress=progress)
-    vision = None
-    if ck.vision is not None:  # loaded on the first prompt with images: text-only use never pays for it
-        def vision():
-            return load_vision_model(ck, dtype=dtype, device=device, operations=operations)
+    # the vision tower is loaded on the first prompt with images: text-only use never pays for it
+    vision = None if ck.vision is None else (
+        lambda: load_vision_model(ck, dtype=dtype, device=device, operations=operations))
     return Krea2TextEncoder(model, tok, ck.where, vision, ck.vision_problem)

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import Krea2Error
-from .tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, QwenTokenizer
+from .tokenizer import IM_START, IMAGE_PAD, VISION_END, VISION_START, QwenTokenizer
 
 log = logging.getLogger("krea2")
 

@@ -11,7 +11,7 @@ shows the compiled forward really ran.
 import json
 import time
 
-from host_script import boot  # noqa: E402  (this folder is on sys.path when run as a script)
+from host_script import boot, sampling_inputs  # noqa: E402  (this folder is on sys.path when run as a script)
 
 spec, pack = boot()
 
@@ -23,13 +23,8 @@ from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 
 cm = pack("nodes.host.model")
 
-g = torch.Generator().manual_seed(3)
-ctx = torch.randn(1, 9, spec["ctx_width"], generator=g)
-unc = torch.randn(1, 9, spec["ctx_width"], generator=g)
-ref = torch.randn(1, 16, 1, 6, 10, generator=g)
-latent = torch.zeros(1, 16, 1, 8, 8)
-noise = torch.randn(latent.shape, generator=g)
-with_ref = {"reference_latents": [ref], "reference_latents_method": "index_timestep_zero"}
+_in = sampling_inputs(spec["ctx_width"])
+ctx, unc, ref, latent, noise, with_ref = (_in[k] for k in ("ctx", "unc", "ref", "latent", "noise", "with_ref"))
 
 
 def sample(m):

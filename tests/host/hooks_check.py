@@ -14,11 +14,10 @@ sampler's memory estimate with and without the reference.
 
 import json
 
-from host_script import boot  # noqa: E402  (this folder is on sys.path when run as a script)
+from host_script import boot, sampling_inputs  # noqa: E402  (this folder is on sys.path when run as a script)
 
 spec, pack = boot()
 
-import torch  # noqa: E402
 import comfy.patcher_extension as pe  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sampler_helpers  # noqa: E402
@@ -52,13 +51,8 @@ def observe(model):
     return m, rec
 
 
-g = torch.Generator().manual_seed(3)
-ctx = torch.randn(1, 9, spec["ctx_width"], generator=g)
-unc = torch.randn(1, 9, spec["ctx_width"], generator=g)
-ref = torch.randn(1, 16, 1, 6, 10, generator=g)
-latent = torch.zeros(1, 16, 1, 8, 8)
-noise = torch.randn(latent.shape, generator=g)
-with_ref = {"reference_latents": [ref], "reference_latents_method": "index_timestep_zero"}
+_in = sampling_inputs(spec["ctx_width"])
+ctx, unc, ref, latent, noise, with_ref = (_in[k] for k in ("ctx", "unc", "ref", "latent", "noise", "with_ref"))
 
 res = {}
 for side, model in (("ours", cm.load_model(spec["model"])), ("native", comfy.sd.load_diffusion_model(spec["model"]))):

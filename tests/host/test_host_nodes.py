@@ -302,16 +302,22 @@ def test_lora_block_filter_past_the_last_block_is_refused(h):
     assert "Krea2LoraLoader" in msg
 
 
+def host_script(h, tmp_path, script, **spec):
+    """Run ``tests/host/<script>`` with the host's python (cwd: the host) on a spec of the pack's location plus
+    ``spec``; returns the JSON line it prints last."""
+    path = tmp_path / f"{script}.spec.json"
+    path.write_text(json.dumps({"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
+                                **spec}))
+    r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", script), str(path)],
+                       capture_output=True, text=True, timeout=900, cwd=h.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def test_clip_load_sd_refuses_partial_or_foreign_dicts_and_weight_syntax_is_named(h, tmp_path):
     """``load_sd`` on our CLIP ignored what ``load_state_dict(strict=False)`` reported; prompt-weight syntax was
     encoded literally without a word. Now: errors naming the keys, and one warning per CLIP."""
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
-                                "text_encoder": os.path.join(h.models_dir, "text_encoders", A.TEXT)}))
-    r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", "clip_check.py"), str(spec)],
-                       capture_output=True, text=True, timeout=600, cwd=h.root)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = host_script(h, tmp_path, "clip_check.py", text_encoder=os.path.join(h.models_dir, "text_encoders", A.TEXT))
     assert res["full"] == {"ok": True}
     assert not res["partial"]["ok"] and "3 missing" in res["partial"]["error"]
     assert all(k in res["partial"]["error"] for k in res["partial"]["dropped"])
@@ -324,13 +330,7 @@ def test_type_error_inside_a_host_call_is_not_taken_for_an_old_signature(h, tmp_
     """The loader asked host functions with try/except TypeError whether they take a newer argument, so a
     TypeError raised inside the call was swallowed and the call repeated without it. Now it reads the
     signature once and a TypeError from inside reaches the caller."""
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
-                                "model": os.path.join(h.models_dir, "diffusion_models", A.TURBO)}))
-    r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", "loader_check.py"), str(spec)],
-                       capture_output=True, text=True, timeout=600, cwd=h.root)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = host_script(h, tmp_path, "loader_check.py", model=os.path.join(h.models_dir, "diffusion_models", A.TURBO))
     assert res["plain"] in ("HostKrea2Transformer", "Krea2Transformer")
     assert res["inner_type_error"] == "raised inside set_inference_dtype", res
     assert len(res["calls"]) == 1  # called once, not retried

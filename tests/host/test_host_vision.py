@@ -1,29 +1,22 @@
 """Images in our text encoder inside a real ComfyUI: Krea2ReferenceEncode, and core's image-aware nodes
 (TextEncodeQwenImageEditPlus, TextGenerate) with our CLIP, compared with krea2_model run from the pieces."""
 
-import json
 import os
-import subprocess
 
 import pytest
 
 from tests.host import assets as A
-from tests.host.test_host_nodes import ROOT, h  # noqa: F401  (the per-host fixture with the tiny assets)
+from tests.host.test_host_nodes import h, host_script  # noqa: F401  (h: the per-host fixture with the tiny assets)
 
 pytestmark = pytest.mark.host
 
 
 @pytest.fixture
 def vision(h, tmp_path):  # noqa: F811
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
-                                "text_encoder": os.path.join(h.models_dir, "text_encoders", A.TEXT),
-                                "vae": os.path.join(h.models_dir, "vae", A.VAE),
-                                "tokenizer": os.path.join(h.root, "comfy", "text_encoders", "qwen25_tokenizer")}))
-    r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", "vision_check.py"), str(spec)],
-                       capture_output=True, text=True, timeout=900, cwd=h.root)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return h, json.loads(r.stdout.strip().splitlines()[-1])
+    return h, host_script(h, tmp_path, "vision_check.py",
+                          text_encoder=os.path.join(h.models_dir, "text_encoders", A.TEXT),
+                          vae=os.path.join(h.models_dir, "vae", A.VAE),
+                          tokenizer=os.path.join(h.root, "comfy", "text_encoders", "qwen25_tokenizer"))
 
 
 def test_reference_encode_conditioning_and_latents_equal_the_pieces(vision):
