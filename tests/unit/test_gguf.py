@@ -141,7 +141,10 @@ def test_transformer_gguf_velocity_equals_dequantized_safetensors(tmp_path, qtyp
         a, b = model(x, s, ctx), ref(x, s, ctx)
     assert torch.isfinite(b).all() and b.abs().mean() > 0.05
     err = (a - b).abs().max().item()
-    assert err <= 1e-6, f"{qtype}: max |velocity diff| {err}"
+    # Equal weights, equal maths; the last bit may still differ: the reference's weights are memory-mapped at
+    # unaligned addresses, and CPU BLAS kernels sum in another order there (seen on AMD EPYC: 1.2e-6 on a
+    # velocity of ~1). The dequantization itself is checked bit for bit (test_dequantize_equals_gguf_reference_*).
+    assert err <= 1e-5, f"{qtype}: max |velocity diff| {err}"
 
 
 def test_transformer_gguf_in_bf16_compute(tmp_path):
@@ -155,7 +158,9 @@ def test_transformer_gguf_in_bf16_compute(tmp_path):
         b = ref(x, s, ctx)
     assert a.dtype == torch.bfloat16
     rel = ((a.float() - b).norm() / b.norm()).item()
-    assert rel < 3e-2, rel
+    # bf16 activations against the fp32 reference on a tiny random model: a few percent, depending on the CPU's
+    # bf16 kernels (3.6e-2 on AMD EPYC, 2-3e-2 elsewhere); a wrong dequantization is off by ~100%
+    assert rel < 5e-2, rel
 
 
 def test_transformer_gguf_keeps_ram_near_the_file_size(tmp_path):

@@ -129,7 +129,9 @@ def test_images_change_the_encoding_and_text_only_is_unchanged(pair):
     a = ours.encode("a cat", images=[image(64, 64, 1)], taps=TAPS)
     b = ours.encode("a cat", images=[image(64, 64, 2)], taps=TAPS)
     assert a.shape[1] > plain.shape[1] and rel(a, b) > 1e-3  # the pixels matter
-    assert torch.equal(plain, ours.encode("a cat", images=None, taps=TAPS))
+    # text-only again, after the image calls: the same encoding (up to the last bit, which CPU BLAS kernels may
+    # sum differently for the cached prefix's other row count: 1.4e-7 seen on AMD EPYC)
+    assert rel(plain, ours.encode("a cat", images=None, taps=TAPS)) <= 1e-6
 
 
 def test_vision_size_rule():
