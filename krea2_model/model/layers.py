@@ -41,13 +41,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = cast_param(self.scale, x, torch.float32) + 1.0
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return F.rms_norm(x.float(), (x.shape[-1],), weight=w, eps=self.eps).to(x.dtype)
-        # Eager inference, same float32 maths in fewer passes: the sum of squares is reduced from
-        # x itself (no float32 copy, no x**2 buffer), then one multiply by 1/rms and one by w.
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        r = r.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
-        return torch.mul(x, r).mul_(w).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), weight=w, eps=self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -136,8 +130,9 @@ class Attention(nn.Module):
         """``x (B, L, dim)`` -> ``(B, L, dim)``. ``hooks`` (or None): an object with ``qkv`` and ``out``
         lists and methods ``on_qkv(q, k, v, rope, mask) -> (q, k, v, rope, mask)`` (q ``(B, H, L, D)``,
         k, v ``(B, Hkv, L, D)``, after the q/k norms, before RoPE and without repeating K/V heads) and
-        ``on_out(out) -> out`` (``(B, L, H*D)``, before the output gate); the transformer's
-        ``AttentionHooks`` runs the host's attention patches through them."""
+        ``on_out(out) -> out`` (``(B, L, H*D)``, before the output gate), and ``attend(q, k, v, mask)``, the
+        attention itself (the :func:`attention` contract); the transformer's ``AttentionHooks`` runs the
+        host's attention patches and attention function through them."""
         b, l, _ = x.shape
         q = self.qknorm.qnorm(self.wq(x).view(b, l, self.heads, self.head_dim))
         k = self.qknorm.knorm(self.wk(x).view(b, l, self.kv_heads, self.head_dim))
@@ -147,11 +142,13 @@ class Attention(nn.Module):
             # token-major tensor, so RoPE below runs on exactly what it would have run on
             q, k, v, rope, mask = hooks.on_qkv(q.transpose(1, 2), k.transpose(1, 2), v, rope, mask)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if rope is not None:
+        if rope is not None and hooks is not None and hooks.rope_fn is not None and not torch.compiler.is_compiling():
+            q, k = hooks.apply_rope(q.transpose(1, 2), k.transpose(1, 2), rope)
+        elif rope is not None:
             q, k = rope_to_heads(q, rope), rope_to_heads(k, rope)
         else:
             q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, mask) if hooks is None else hooks.attend(q, k, v, mask)
         if hooks is not None and hooks.out:
             out = hooks.on_out(out)
         g = self.gate(x)

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConditioningError
+from .attention import attention
 from .layers import Attention, RMSNorm, SwiGLU, cast_param, ops_or_default
 from .text_cache import TextCache, stage_weights
 
@@ -88,8 +89,8 @@ class TextFusionBlock(nn.Module):
         self.attn = Attention(dim, heads, kv_heads, head_dim, eps, dtype=dtype, device=device, operations=operations)
         self.mlp = SwiGLU(dim, mlp_hidden, dtype=dtype, device=device, operations=operations)
 
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.prenorm(x), mask=mask)
+    def forward(self, x, mask=None, hooks=None):
+        x = x + self.attn(self.prenorm(x), mask=mask, hooks=hooks)
         return x + self.mlp(self.postnorm(x))
 
 
@@ -106,15 +107,16 @@ class TextFusion(nn.Module):
         self.projector = ops.Linear(cfg.text_taps, 1, bias=False, dtype=dtype, device=device)
         self.refiner_blocks = nn.ModuleList([TextFusionBlock(*args, **kw) for _ in range(cfg.text_refiner_blocks)])
 
-    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        """``x (B, seq, taps, text_dim)`` -> ``(B, seq, text_dim)``; ``mask`` a key mask for the refiner."""
+    def forward(self, x: torch.Tensor, mask=None, hooks=None) -> torch.Tensor:
+        """``x (B, seq, taps, text_dim)`` -> ``(B, seq, text_dim)``; ``mask`` a key mask for the refiner;
+        ``hooks`` an :class:`AttentionHooks` whose attention function every block uses (or None)."""
         b, s, n, d = x.shape
         h = x.reshape(b * s, n, d)
         for blk in self.layerwise_blocks:
-            h = blk(h)
+            h = blk(h, hooks=hooks)
         h = self.projector(h.view(b, s, n, d).transpose(2, 3)).squeeze(-1)
         for blk in self.refiner_blocks:
-            h = blk(h, mask=mask)
+            h = blk(h, mask=mask, hooks=hooks)
         return h
 
 
@@ -152,16 +154,19 @@ class Block(nn.Module):
             return self._forward_split(x, m.chunk(6, dim=-1), m_ref.chunk(6, dim=-1), ref_start, rope, mask, hooks,
                                        inplace)
         prescale, preshift, pregate, postscale, postshift, postgate = m.chunk(6, dim=-1)
+        # The arithmetic is written as native ComfyUI Krea 2's, rounding for rounding (a multiply, then an add;
+        # never a fused multiply-add): on quantized files whose layers quantize their input on the fly, a last
+        # bit of difference upstream flips a rounding there, so both models must feed every layer the same bits.
         if not inplace or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            x = x + pregate * self.attn(torch.addcmul(preshift, self.prenorm(x), 1 + prescale), rope, mask, hooks)
-            return x + postgate * self.mlp(torch.addcmul(postshift, self.postnorm(x), 1 + postscale))
+            x = x + pregate * self.attn((1 + prescale) * self.prenorm(x) + preshift, rope, mask, hooks)
+            return x + postgate * self.mlp((1 + postscale) * self.postnorm(x) + postshift)
         # Eager inference: the same arithmetic without fresh (L, hidden) buffers. The modulation is
-        # written over the norm's output and the residual stream is updated in place (the caller's
-        # `x` is the transformer's own running sequence).
+        # written over the norm's output, the gate over the layer's output, and the residual stream is
+        # updated in place (the caller's `x` is the transformer's own running sequence).
         h = self.prenorm(x)
-        x.addcmul_(pregate, self.attn(torch.addcmul(preshift, h, 1 + prescale, out=h), rope, mask, hooks))
+        x.add_(self.attn(h.mul_(1 + prescale).add_(preshift), rope, mask, hooks).mul_(pregate))
         h = self.postnorm(x)
-        return x.addcmul_(postgate, self.mlp(torch.addcmul(postshift, h, 1 + postscale, out=h)))
+        return x.add_(self.mlp(h.mul_(1 + postscale).add_(postshift)).mul_(postgate))
 
     def _forward_split(self, x, m, m_ref, start, rope, mask, hooks, inplace):
         """The block with two modulations along the sequence: ``m`` for tokens ``[:start]`` (text and
@@ -172,18 +177,17 @@ class Block(nn.Module):
 
         def modulate(h, scale, shift):
             if fresh:
-                return torch.cat([torch.addcmul(t[shift], h[:, sl], 1 + t[scale]) for sl, t in parts], dim=1)
+                return torch.cat([(1 + t[scale]) * h[:, sl] + t[shift] for sl, t in parts], dim=1)
             for sl, t in parts:  # over the norm's own output, segment by segment
-                seg = h[:, sl]
-                torch.addcmul(t[shift], seg, 1 + t[scale], out=seg)
+                h[:, sl].mul_(1 + t[scale]).add_(t[shift])
             return h
 
         def gated_add(x, gate, y):
             if fresh:
                 return x + torch.cat([t[gate] * y[:, sl] for sl, t in parts], dim=1)
             for sl, t in parts:
-                x[:, sl].addcmul_(t[gate], y[:, sl])
-            return x
+                y[:, sl].mul_(t[gate])
+            return x.add_(y)
 
         x = gated_add(x, 2, self.attn(modulate(self.prenorm(x), 0, 1), rope, mask, hooks))
         return gated_add(x, 5, self.mlp(modulate(self.postnorm(x), 3, 4)))
@@ -200,7 +204,7 @@ class LastLayer(nn.Module):
     def forward(self, x, t):
         m = t + cast_param(self.modulation.lin, t)          # (B, 2, hidden)
         scale, shift = m[:, 0:1], m[:, 1:2]
-        return self.linear(torch.addcmul(shift, self.norm(x), 1 + scale))
+        return self.linear((1 + scale) * self.norm(x) + shift)
 
 
 def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
@@ -256,19 +260,35 @@ class AttentionHooks:
     ``(B, 1, L, D/2, 2, 2)`` (rotation matrices ``[[cos, -sin], [sin, cos]]``), built once per forward
     and only when such a patch is set. ``patches["attn1_output_patch"]``: ``fn(out, extra_options)`` with
     ``out (B, L, H*D)`` before the output gate. ``extra_options`` is a copy of the forward's
-    transformer_options at the current block (``block_index``, ``img_slice``, ...)."""
+    transformer_options at the current block (``block_index``, ``img_slice``, ...).
 
-    def __init__(self, patches: dict, options: dict):
+    ``backend``: the attention function, ``fn(q, k, v, mask, transformer_options)`` with the :func:`attention`
+    contract plus the forward's live options (a host's own attention choice and its per-call overrides,
+    see :attr:`Krea2Transformer.attention_backend`); None: :func:`attention`."""
+
+    def __init__(self, patches: dict, options: dict, backend=None, rope_fn=None):
         self.qkv = list(patches.get("attn1_patch", ()))
         self.out = list(patches.get("attn1_output_patch", ()))
         self.options = options
+        self.backend = backend
+        self.rope_fn = rope_fn
         self._pe = None  # (our rope, its host-layout twin)
+
+    def attend(self, q, k, v, mask):
+        if self.backend is None:
+            return attention(q, k, v, mask)
+        return self.backend(q, k, v, mask, self.options)
+
+    def apply_rope(self, q, k, rope):
+        """``q (B, H, L, D)``, ``k (B, Hkv, L, D)`` rotated by the host's ``rope_fn(q, k, pe)`` (see
+        :attr:`Krea2Transformer.rope_backend`), with ``pe`` in the host's layout."""
+        return self.rope_fn(q, k, self._host_pe(rope, q.shape[0]))
 
     def _host_pe(self, rope, batch):
         if self._pe is None or self._pe[0] is not rope:
             cos, sin = rope[0], rope[1]
             pe = torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))   # (L, D/2, 2, 2)
-            self._pe = (rope, pe.expand(batch, 1, *pe.shape))
+            self._pe = (rope, pe.expand(batch, 1, *pe.shape).contiguous())
         return self._pe[1]
 
     def on_qkv(self, q, k, v, rope, mask):
@@ -281,6 +301,8 @@ class AttentionHooks:
             pe, mask = got.get("pe", pe), got.get("attn_mask", mask)
         if pe is not given:  # a patch moved the positions: rotate with its matrices
             rope = None if pe is None else (pe[..., 0, 0], pe[..., 1, 0])
+            if pe is not None:
+                self._pe = (rope, pe)  # a host rope function gets the patch's own matrices
         return q, k, v, rope, mask
 
     def on_out(self, out):
@@ -316,6 +338,13 @@ class Krea2Transformer(nn.Module):
         #: the reference method used when a call gives none (native Krea 2's attribute of the same name, which
         #: hosts patch: ComfyUI's FluxKVCache sets "index_timestep_zero")
         self.default_ref_method = None
+        #: the attention every layer calls: None for :func:`krea2_model.model.attention.attention`, or
+        #: ``fn(q, k, v, mask, transformer_options)`` (same contract, plus the forward's options) through which a
+        #: host runs its own attention choice and per-call overrides (``nodes.host.model`` sets it)
+        self.attention_backend = None
+        #: the RoPE rotation: None for ours, or ``fn(q, k, pe) -> (q, k)`` (q ``(B, H, L, D)``, k ``(B, Hkv, L, D)``,
+        #: ``pe`` the rotation matrices ``(B, 1, L, D/2, 2, 2)``) through which a host rotates with its own kernel
+        self.rope_backend = None
 
     # -- pieces -----------------------------------------------------------------------------------
     def unpack_context(self, context: torch.Tensor) -> torch.Tensor:
@@ -332,12 +361,18 @@ class Krea2Transformer(nn.Module):
                 "Encode the prompt with Krea2TextEncode from a Krea2TextEncoderLoader (Qwen3-VL-4B) CLIP.")
         return context.view(*context.shape[:2], cfg.text_taps, cfg.text_dim)
 
-    def encode_text(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(self, context: torch.Tensor, mask: torch.Tensor | None = None, transformer_options=None
+                    ) -> torch.Tensor:
         """Text fusion + projection: conditioning -> ``(B, seq, hidden)`` text tokens. Independent of
-        the timestep, so callers may compute it once per prompt and reuse it."""
+        the timestep, so callers may compute it once per prompt and reuse it. ``transformer_options`` go to
+        :attr:`attention_backend` when one is set."""
         ctx = self.unpack_context(context)
         dt = self._compute_dtype(context)
-        h = self.txtfusion(ctx.to(dt), mask=mask)
+        hooks = None
+        if self.attention_backend is not None:
+            hooks = AttentionHooks({}, {} if transformer_options is None else transformer_options,
+                                   self.attention_backend)
+        h = self.txtfusion(ctx.to(dt), mask=mask, hooks=hooks)
         return self.txtmlp(h)
 
     def text_tokens(self, context: torch.Tensor, mask: torch.Tensor | None = None,
@@ -354,19 +389,28 @@ class Krea2Transformer(nn.Module):
         recomputes. Never cached under autograd or while compiling. Off with ``model.cache_text =
         False`` or ``transformer_options["krea2_cache_text"] = False``.
         """
+        opts = transformer_options
         enabled = self.cache_text
-        if transformer_options is not None and "krea2_cache_text" in transformer_options:
-            enabled = bool(transformer_options["krea2_cache_text"])
+        if opts is not None and "krea2_cache_text" in opts:
+            enabled = bool(opts["krea2_cache_text"])
+        if self.attention_backend is not None and opts is not None and "optimized_attention_override" in opts:
+            enabled = False  # a per-call attention override may do anything: it sees every call, as on native
         if not enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.encode_text(context, mask)
-        dt = self._compute_dtype(context)
+            return self.encode_text(context, mask, opts)
+        # keyed on the attention backend too: the host's attention choice is part of what was computed
+        key = (self._compute_dtype(context), self.attention_backend_key())
         weights = stage_weights((self.txtfusion, self.txtmlp))
-        hit = self._text_cache.get(context, mask, dt, weights)
+        hit = self._text_cache.get(context, mask, key, weights)
         if hit is not None:
             return hit
-        out = self.encode_text(context, mask)
-        self._text_cache.put(context, mask, dt, weights, out)
+        out = self.encode_text(context, mask, opts)
+        self._text_cache.put(context, mask, key, weights, out)
         return out
+
+    def attention_backend_key(self):
+        """What identifies the attention the layers run (compared with ``==`` by the text cache)."""
+        fn = self.attention_backend
+        return getattr(fn, "cache_key", lambda: fn)() if fn is not None else None
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
@@ -519,8 +563,10 @@ class Krea2Transformer(nn.Module):
         opts["total_blocks"] = len(self.blocks)
         opts["block_type"] = "single"
         opts["img_slice"] = [L_txt, h.shape[1]]
-        hooks = AttentionHooks(patches, opts) if patches.get("attn1_patch") or patches.get("attn1_output_patch") \
-            else None
+        hooks = None
+        if patches.get("attn1_patch") or patches.get("attn1_output_patch") or self.attention_backend is not None \
+                or self.rope_backend is not None:
+            hooks = AttentionHooks(patches, opts, self.attention_backend, self.rope_backend)
         ref_start = L_txt + n_target if t0 else None
         for i, blk in enumerate(self.blocks):
             opts["block_index"] = i

@@ -24,6 +24,7 @@ import comfy.utils
 
 from ...krea2_model import CanonicalCheckpoint, Krea2Config, Krea2FileError, Krea2Transformer
 from ...krea2_model.formats.transformer_file import _fix_shape as fix_shape
+from .attention import host_attention, host_rope
 from .patcher import patcher_class
 
 log = logging.getLogger("krea2")
@@ -36,7 +37,13 @@ class HostKrea2Transformer(Krea2Transformer):
     DIFFUSION_MODEL wrapper chain (EasyCache, FluxKVCache, community wrappers), with native Krea 2's
     argument order ``(x, timesteps, context, attention_mask, ref_latents, transformer_options, **kwargs)``:
     wrappers read ``x`` first and ``transformer_options`` last. Every other host hook (patches, block
-    replacement, references) is plain data in ``transformer_options`` / kwargs, read by ``_forward``."""
+    replacement, references) is plain data in ``transformer_options`` / kwargs, read by ``_forward``. Every
+    layer attends with the host's attention choice and overrides (:mod:`nodes.host.attention`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attention_backend = host_attention
+        self.rope_backend = host_rope
 
     def forward(self, x, timesteps, context, attention_mask=None, ref_latents=None, transformer_options=None,
                 **kwargs):

@@ -347,3 +347,68 @@ def test_reference_kv_cache_pattern_default_method_and_fewer_queries_than_positi
     assert len(cache) == cfg.layers
     assert torch.equal(first, want)
     assert rel(second, want) <= 1e-5
+
+
+# -- a host's attention and RoPE (Krea2Transformer.attention_backend / rope_backend) --------------------------
+
+
+def rotate_with_pe(x, pe):
+    """``x (B, H, L, D)`` rotated by ComfyUI-layout matrices ``pe (B, 1, L, D/2, 2, 2)``: the test's own rotation."""
+    xp = x.float().unflatten(-1, (-1, 2))                                   # (B, H, L, D/2, 2)
+    out = (pe[..., 0] * xp[..., 0:1] + pe[..., 1] * xp[..., 1:2])            # rows of [[c, -s], [s, c]] . (a, b)
+    return out.flatten(-2).to(x.dtype)
+
+
+def test_attention_and_rope_backends_run_every_layer_with_the_options(pair):
+    """With a backend set, every attention of the text stage and the blocks goes through it with the forward's
+    options (block_index in the blocks only, as native passes them), and RoPE through the rope backend with the
+    host's matrices; the output equals the default path. A backend that changes attention changes the output,
+    text stage included: the text cache does not hand back tokens computed under another backend."""
+    from krea2_model.model.attention import attention
+    cfg, _, _, _ = pair
+    ours = load_transformer(random_state_dict(cfg, 5), dtype=torch.float32)
+    x, s, c = inputs(cfg)
+    calls, rotations = [], []
+
+    def attend(q, k, v, mask, options, scale=1.0):
+        calls.append((tuple(q.shape), tuple(k.shape), options.get("block_index"), options.get("cond_or_uncond")))
+        return attention(q, k, v, mask) * scale
+
+    def rope(q, k, pe):
+        rotations.append((tuple(q.shape), tuple(k.shape), tuple(pe.shape)))
+        return rotate_with_pe(q, pe), rotate_with_pe(k, pe)
+
+    with torch.no_grad():
+        plain = ours(x, s, c)
+        ours.attention_backend, ours.rope_backend = attend, rope
+        via = ours(x, s, c, transformer_options={"cond_or_uncond": [0, 1]})
+        L = 5 + 12
+        th, tkv, td = cfg.text_heads, cfg.text_kv_heads, cfg.text_head_dim
+        text = [((2 * 5, th, cfg.text_taps, td), (2 * 5, tkv, cfg.text_taps, td), None, [0, 1])] * \
+            cfg.text_layerwise_blocks + [((2, th, 5, td), (2, tkv, 5, td), None, [0, 1])] * cfg.text_refiner_blocks
+        blocks = [((2, cfg.heads, L, cfg.head_dim), (2, cfg.kv_heads, L, cfg.head_dim), i, [0, 1])
+                  for i in range(cfg.layers)]
+        assert calls == text + blocks
+        assert rotations == [((2, cfg.heads, L, cfg.head_dim), (2, cfg.kv_heads, L, cfg.head_dim),
+                              (2, 1, L, cfg.head_dim // 2, 2, 2))] * cfg.layers
+        assert rel(via, plain) <= 1e-6
+        ours.attention_backend = lambda q, k, v, mask, options: attend(q, k, v, mask, options, 0.5)
+        calls.clear()
+        halved = ours(x, s, c)
+        assert len(calls) == len(text) + len(blocks)  # the text stage ran again under the new backend
+        assert rel(halved, plain) > 1e-3
+
+
+def test_grouped_query_attention_equals_repeated_heads_bit_for_bit():
+    """The host adapter keeps K/V heads unrepeated under the host's PyTorch attention: exact only if stacking the
+    query heads that share a K/V head gives SDPA's bits for repeated heads (checked here on this CPU)."""
+    from krea2_model.model.attention import sdpa_attention
+    g = torch.Generator().manual_seed(0)
+    for L, mask in ((17, False), (300, False), (300, True)):
+        q, k, v = (torch.randn(2, h, L, 64, generator=g) for h in (8, 2, 2))
+        m = None
+        if mask:
+            m = torch.ones(2, 1, 1, L, dtype=torch.bool)
+            m[1, ..., :5] = False
+        want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=m)
+        assert torch.equal(sdpa_attention(q, k, v, m), want.transpose(1, 2).reshape(2, L, 8 * 64)), (L, mask)
