@@ -104,6 +104,32 @@ def dequantize(t: torch.Tensor, side: dict, where: str, key: str, *, keep_fp8: b
     raise _refuse(where, key, f"ComfyUI's '{fmt}' quantization")
 
 
+#: ComfyUI formats that store two 4-bit values per byte along a weight's input axis
+PACKED_4BIT = ("nvfp4", "convrot_w4a4", "asym_w4a8_int8")
+#: ComfyUI formats that store a weight padded to a multiple of this many rows and columns
+PADDED = {"nvfp4": 16, "mxfp8": 32}
+
+
+def stored_shape(shape, fmt) -> tuple:
+    """The shape ComfyUI stores a 2-D weight of ``shape`` in under per-layer format ``fmt`` (padding, 4-bit
+    packing); other shapes and formats unchanged."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        return shape
+    m = PADDED.get(fmt, 1)
+    rows, cols = -(-shape[0] // m) * m, -(-shape[1] // m) * m
+    return (rows, cols // 2) if fmt in PACKED_4BIT else (rows, cols)
+
+
+def logical_shape(shape, fmt) -> tuple:
+    """The inverse of :func:`stored_shape` up to padding (Krea 2's sizes are multiples of every pad), for
+    reading a model's size off a quantized file."""
+    shape = tuple(shape)
+    if len(shape) == 2 and fmt in PACKED_4BIT:
+        return (shape[0], shape[1] * 2)
+    return shape
+
+
 def is_quantized_storage(dtype) -> bool:
     """Whether a stored dtype is a quantized one (its values are not the weight's without a scale)."""
     return dtype in FP8 or dtype in (torch.int8, torch.uint8)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import NotKrea2Error, ShapeMismatchError, first_names
 from ..model.transformer import Krea2Config, Krea2Transformer
-from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize
+from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize, logical_shape, read_conf, stored_shape
 from .safetensors_io import TensorSource, open_source
 from .tensors import check_tensors, count_indices, module_shapes, set_tensor, shape_getter
 
@@ -206,15 +206,29 @@ class CanonicalCheckpoint:
         shapes = {c: self.src.shape(s) for c, s in self.keymap.items()}
         shapes = {c: ((int(torch.Size(v).numel()),) if _BLOCK_MOD.match(c) and len(v) == 2 else v)
                   for c, v in shapes.items()}
-        self.config = infer_config(shapes, self.where)
+        # ComfyUI's per-layer formats may pack or pad a weight: the size is read from the logical shapes, and the
+        # stored ones must be what the format stores for the expected size
+        formats = self.quant_formats()
+        self.config = infer_config({c: logical_shape(v, formats.get(c)) for c, v in shapes.items()}, self.where)
         want = expected_shapes(self.config)
-        check_tensors(shapes, want, self.where, "Krea 2", lambda k: self.keymap.get(k, k),
+        check_tensors(shapes, {k: stored_shape(v, formats[k]) if k in formats else v for k, v in want.items()},
+                      self.where, "Krea 2", lambda k: self.keymap.get(k, k),
                       f"hidden {self.config.hidden}, head size {self.config.head_dim}")
         extra = [self.keymap[k] for k in shapes if k not in want]
         extra += [s for c, s in self.aux.items() if c not in MARKER_KEYS and
                   c.rsplit(".", 1)[0] + ".weight" not in want]
         self.extra = extra
         self._shapes = {k: shapes[k] for k in want}
+
+    def quant_formats(self) -> dict:
+        """``{canonical weight: ComfyUI per-layer format}`` for the weights that carry a ``comfy_quant`` config."""
+        out = {}
+        for c in self.aux:
+            if c.endswith(".comfy_quant"):
+                w = c[:-len(".comfy_quant")] + ".weight"
+                if w in self.keymap:
+                    out[w] = read_conf(self.load_aux(c), self.where, self.aux[c]).get("format")
+        return out
 
     @property
     def layout_gguf(self) -> bool:

@@ -28,6 +28,10 @@ STEPS, SEED = 6, 5
 MERGE_B = "krea2_interop_b.safetensors"  # the interop config, other weights: the second model of a merge
 REF_A = "krea2_ref_a.latent"              # the target's size
 REF_B = "krea2_ref_b.latent"              # another, odd size (padded to the patch)
+# the interop weights in each of ComfyUI's per-layer quantized formats, written by the host's own quantizers
+QUANT = {f: f"krea2_interop_{f}.safetensors" for f in ("int8_tensorwise", "int8_convrot", "convrot_w4a4",
+                                                        "float8_e4m3fn", "nvfp4", "mxfp8")}
+INT8 = QUANT["int8_tensorwise"]
 MOVED = {}                                # case -> (moved ours, moved native, ours vs native): the report
 
 
@@ -42,6 +46,15 @@ def nh(host):
             # raw VAE-space latents (ReferenceLatent passes them on; the model maps them in)
             save_file({"latent_tensor": torch.randn(1, 16, 1, h, w, generator=g) * 0.5,
                        "latent_format_version_0": torch.tensor([])}, str(host.input_dir / name))
+        dm = os.path.join(host.models_dir, "diffusion_models")
+        spec = os.path.join(host.models_dir, "quant_spec.json")
+        with open(spec, "w") as f:
+            json.dump({"src": os.path.join(dm, A.INTEROP), "out": {k: os.path.join(dm, v) for k, v in QUANT.items()}},
+                      f)
+        r = subprocess.run([host.python, os.path.join(ROOT, "tests", "host", "quant_assets.py"), spec],
+                           capture_output=True, text=True, timeout=600, cwd=str(host.comfy_dir))
+        assert r.returncode == 0, r.stderr[-4000:]
+        host._krea2_quant = json.loads(r.stdout.strip().splitlines()[-1])
         host._krea2_hooks = True
     return host
 
@@ -59,12 +72,12 @@ NAG_NEGATIVE = "a lighthouse on a cliff at night"
 
 
 def graph(side, prefix, model_nodes=(), cond_nodes=(), cfg=1.0, batch=1, extra=None, negative=NEGATIVE,
-          negative_refs=False):
+          negative_refs=False, model_name=A.INTEROP):
     """Turbo schedule, our text encoder; ``model_nodes`` / ``cond_nodes``: ``(class, inputs[, model input
     name])`` chained after the model sampling node / the positive prompt (their ``model`` /
     ``conditioning`` input is filled in); ``negative_refs``: the same cond nodes on the negative too."""
     enc = (lambda t: {"class_type": "Krea2TextEncode", "inputs": {"clip": ["2", 0], "text": t}})
-    g = {"1": loader(side),
+    g = {"1": loader(side, model_name),
          "2": {"class_type": "Krea2TextEncoderLoader", "inputs": {"text_encoder_name": A.INTEROP_TEXT}},
          "3": enc("a lighthouse on a cliff at sunset"),
          "4": enc(negative),
@@ -314,6 +327,53 @@ def test_old_host_nodes_act_on_ours(oh):
         assert torch.isfinite(got).all() and rel(got, ref) > 1e-3, case
         ran.append(case)
     assert "easycache" in ran and "ref_index" in ran, (oh.version, ran)
+
+
+def test_int8_tensorwise_file_computes_what_native_computes(nh):
+    """ComfyUI's int8_tensorwise layers quantize each row of their input on the fly, so a last-bit difference
+    upstream flips roundings there. Through both loaders the same int8 file runs the host's int8 layers, and
+    ours feeds them native's bits (the host's attention and RoPE, native's rounding order): the graphs agree,
+    and the quantization moves both away from the fp32 graph (it is really used)."""
+    check_case(nh, "int8_tensorwise", model_name=INT8)
+
+
+def test_forward_is_natives_bit_for_bit_and_attention_overrides_act_on_both(nh, tmp_path):
+    """attention_check.py: one forward of each MODEL on the fp32 file and on each of ComfyUI's per-layer
+    quantized formats the host writes (int8_tensorwise, int8 ConvRot, convrot_w4a4, float8, nvfp4, mxfp8; 7 and
+    33 text tokens, with and without an index_timestep_zero reference) gives native's bits: ours runs the host's
+    quantized layers, attends with the host's attention (here its CPU default) and rotates with its RoPE. An
+    optimized_attention_override sees the same calls on both sides, text stage included, and one that changes
+    attention moves both alike."""
+    dm = os.path.join(nh.models_dir, "diffusion_models")
+    c = A.INTEROP_CFG
+    written = {f: n for f, n in nh._krea2_quant.items() if isinstance(n, int)}
+    print("quantized files written by the host:", nh._krea2_quant)
+    assert written.get("int8_tensorwise", 0) > 0 and written.get("int8_convrot", 0) > 0, nh._krea2_quant
+    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
+            "models": {"fp32": os.path.join(dm, A.INTEROP), **{f: os.path.join(dm, QUANT[f]) for f in written}},
+            "ctx_width": c.text_taps * c.text_dim}
+    sp = tmp_path / "spec.json"
+    sp.write_text(json.dumps(spec))
+    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "attention_check.py"), str(sp)],
+                       capture_output=True, text=True, timeout=900, cwd=nh.root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, cases in res["files"].items():
+        assert "errors" not in cases, (name, cases)  # every format the host writes, both loaders run
+        for case, d in cases.items():
+            print(f"{name}, {case}: ours vs native max |diff| {d['max_diff']:.1e}, bit for bit {d['bitwise']}"
+                  + ("" if name == "fp32" else f"; the format moves the output by {d['moved']:.4f}"))
+            assert d["max_diff"] <= 1e-6, (name, case, d)
+            assert name == "fp32" or d["moved"] > 1e-3, (name, case, d)  # the quantized layers really ran
+    o = res["override"]
+    layers = c.text_layerwise_blocks + c.text_refiner_blocks + c.layers
+    print(f"override ({res['host_attention']}): {len(o['ours']['calls'])} calls each; halving attention moves "
+          f"ours {o['ours']['half_moved']:.3f}, native {o['native']['half_moved']:.3f}; ours vs native "
+          f"{o['half_ours_vs_native']:.1e}")
+    assert o["ours"]["calls"] == o["native"]["calls"] and len(o["ours"]["calls"]) == layers
+    assert o["ours"]["unchanged"] and o["native"]["unchanged"]
+    assert o["ours"]["half_moved"] > 1e-3 and o["native"]["half_moved"] > 1e-3
+    assert o["half_ours_vs_native"] <= 1e-6
 
 
 def test_torch_compile_model_runs_ours_compiled_and_equals_native(nh, tmp_path):

@@ -175,8 +175,10 @@ def _comfy_quant(conf: dict) -> torch.Tensor:
 
 def _quantized_file(tmp_path, fmt, per_row=False, conf_extra=None):
     """The tiny model with every block Linear weight stored as ComfyUI's per-layer ``fmt`` (``comfy_quant`` +
-    ``weight_scale``), as a ComfyUI repack lays it out. Returns the path and the weights' exact real values."""
+    ``weight_scale``), as a ComfyUI repack lays it out. Returns the path and the weights' exact real values.
+    ``conf_extra`` may relabel the format; one that packs 4-bit values or pads gets its stored shape."""
     from safetensors.torch import save_file
+    from krea2_model.formats.quant import stored_shape
 
     sd = random_state_dict(CONFIGS["tiny"], 0)
     q, want = {}, {}
@@ -188,6 +190,10 @@ def _quantized_file(tmp_path, fmt, per_row=False, conf_extra=None):
                 stored = (v / s).round().clamp(-127, 127).to(torch.int8)
             else:
                 stored = (v / s).to(torch.float8_e4m3fn)
+            label = (conf_extra or {}).get("format", fmt)
+            if stored_shape(stored.shape, label) != tuple(stored.shape):
+                # a format that packs or pads: bytes in the shape ComfyUI stores it in (their values never read)
+                stored = torch.zeros(stored_shape(stored.shape, label), dtype=torch.uint8)
             q["model.diffusion_model." + k] = stored
             q["model.diffusion_model." + k[:-len("weight")] + "weight_scale"] = s.float()
             q["model.diffusion_model." + k[:-len("weight")] + "comfy_quant"] = _comfy_quant(
@@ -223,6 +229,17 @@ def test_unreadable_quant_formats_are_refused_by_name(tmp_path, conf):
     msg = str(e.value)
     assert path in msg and "blocks.0." in msg
     assert ("ConvRot" if conf.get("params") else f"'{conf['format']}'") in msg
+
+
+def test_packed_and_padded_quant_formats_are_sized_from_their_logical_shape():
+    """nvfp4 / convrot_w4a4 store two 4-bit values per byte and mxfp8 pads to 32: the size is read through that
+    (as ComfyUI's own loader does), and a weight in the wrong stored shape is still a shape error."""
+    from krea2_model.formats.quant import logical_shape, stored_shape
+    assert stored_shape((6144, 16384), "nvfp4") == (6144, 8192) and logical_shape((6144, 8192), "nvfp4") == (
+        6144, 16384)
+    assert stored_shape((1536, 6144), "convrot_w4a4") == (1536, 3072)
+    assert stored_shape((16, 64), "mxfp8") == (32, 64) and stored_shape((16, 64), "int8_tensorwise") == (16, 64)
+    assert stored_shape((12,), "nvfp4") == (12,)
 
 
 def test_transformer_and_text_readers_share_one_dequantizer():
