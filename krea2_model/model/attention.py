@@ -46,15 +46,18 @@ def causal_mask(l: int, device, mask: torch.Tensor | None = None) -> torch.Tenso
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
-                   is_causal: bool = False) -> torch.Tensor:
+                   is_causal: bool = False, sdpa=None) -> torch.Tensor:
+    """:func:`attention` by PyTorch SDPA; ``sdpa`` replaces ``F.scaled_dot_product_attention`` (a host's
+    wrapper of it that picks kernels, same signature)."""
+    sdpa_fn = F.scaled_dot_product_attention if sdpa is None else sdpa
     b, h, l, d = q.shape
     hkv = k.shape[1]
     if is_causal:
         out = None
         if mask is None and h == hkv:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = sdpa_fn(q, k, v, is_causal=True)
         elif mask is None and SDPA_HAS_GQA:  # K/V heads shared in the kernel, and the causal flag stays fast
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = sdpa_fn(q, k, v, is_causal=True, enable_gqa=True)
         if out is not None:
             return out.transpose(1, 2).reshape(b, l, h * d)
         # Stacked GQA query rows (below) are no longer aligned with their key positions, so SDPA's
@@ -69,10 +72,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         if mask is not None and mask.shape[-2] != 1:
             # a per-query mask (..., L, L) must follow its rows into the stacked (rep*L) layout
             mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], rep, l, mask.shape[-1]).flatten(-3, -2)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+        out = sdpa_fn(qg, k, v, attn_mask=mask)
         out = out.view(b, hkv, rep, l, d).view(b, h, l, d)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = sdpa_fn(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, l, h * d)
 
 

@@ -8,7 +8,8 @@ transformer_options=...)`` with K/V heads repeated to the query heads; :func:`ho
 so every choice and override acts on our MODEL too and the numbers are the host's own.
 
 Two exceptions, both without an override set. When the host's choice is its PyTorch attention, our
-:func:`krea2_model.model.attention.sdpa_attention` runs instead: the same SDPA call without copying K/V heads
+:func:`krea2_model.model.attention.sdpa_attention` runs instead, through the host's SDPA entry (its kernel
+priority on CUDA): the same SDPA call without copying K/V heads
 (query heads sharing a K/V head are stacked along the sequence; softmax rows are independent), equal bit for
 bit to repeat + SDPA on the CPU (``tests/unit/test_hooks.py``). And under torch.compile, ComfyUI's
 memory-chunked fallbacks (sub-quadratic, split, basic: the CPU default) give way to SDPA too, since they query
@@ -21,11 +22,14 @@ from __future__ import annotations
 import torch
 
 import comfy.ldm.flux.math as host_math
+import comfy.ops
 import comfy.ldm.modules.attention as host_att
 
 from ...krea2_model.model.attention import sdpa_attention
 
 
+#: the host's SDPA entry (on CUDA it sets ComfyUI's kernel priority), where this host has one
+_HOST_SDPA = getattr(comfy.ops, "scaled_dot_product_attention", None)
 #: ComfyUI's fallbacks that size their chunks from the free memory on every call: under torch.compile each call
 #: is a graph break (native Krea 2 compiles to 31 graphs on the CPU), so a compiled forward uses SDPA instead
 _MEMORY_CHUNKED = tuple(f for f in (getattr(host_att, n, None) for n in ("attention_sub_quad", "attention_split",
@@ -47,7 +51,7 @@ def host_attention(q, k, v, mask, transformer_options):
     if "optimized_attention_override" not in opts and (
             fn is getattr(host_att, "attention_pytorch", None)
             or (torch.compiler.is_compiling() and fn in _MEMORY_CHUNKED)):
-        return sdpa_attention(q, k, v, mask)
+        return sdpa_attention(q, k, v, mask, sdpa=_HOST_SDPA)
     heads = q.shape[1]
     if k.shape[1] != heads:
         rep = heads // k.shape[1]

@@ -412,3 +412,17 @@ def test_grouped_query_attention_equals_repeated_heads_bit_for_bit():
             m[1, ..., :5] = False
         want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=m)
         assert torch.equal(sdpa_attention(q, k, v, m), want.transpose(1, 2).reshape(2, L, 8 * 64)), (L, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gives_f_rms_norm_bits(dtype):
+    """Our eager CPU RMSNorm is F.rms_norm (what native Krea 2 calls) bit for bit, at the widths Krea 2 uses."""
+    from krea2_model.model.layers import RMSNorm
+    g = torch.Generator().manual_seed(1)
+    for shape in ((3, 7, 6144), (2, 40, 12, 2560), (1, 300, 48, 128), (5, 160)):
+        norm = RMSNorm(shape[-1], 1e-5)
+        norm.scale.data.normal_(0, 0.1, generator=g)
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        want = F.rms_norm(x.float(), (shape[-1],), weight=norm.scale + 1, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(norm(x), want), shape
