@@ -11,6 +11,7 @@ ours, equals a hand-written skip of the blocks, and leaves native unchanged.
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from comfy_host import PACK_DIRNAME
 from krea2_model.tiny import transformer as tiny
 from tests.host import assets as A
 from tests.host.test_host_interop import native_host
-from tests.host.test_host_nodes import ROOT, SIZE, read_latent, rel, run, saved
+from tests.host.test_host_nodes import ROOT, SIZE, host_script, read_latent, rel, run, saved
 
 pytestmark = pytest.mark.host
 
@@ -47,14 +48,8 @@ def nh(host):
             save_file({"latent_tensor": torch.randn(1, 16, 1, h, w, generator=g) * 0.5,
                        "latent_format_version_0": torch.tensor([])}, str(host.input_dir / name))
         dm = os.path.join(host.models_dir, "diffusion_models")
-        spec = os.path.join(host.models_dir, "quant_spec.json")
-        with open(spec, "w") as f:
-            json.dump({"src": os.path.join(dm, A.INTEROP), "out": {k: os.path.join(dm, v) for k, v in QUANT.items()}},
-                      f)
-        r = subprocess.run([host.python, os.path.join(ROOT, "tests", "host", "quant_assets.py"), spec],
-                           capture_output=True, text=True, timeout=600, cwd=str(host.comfy_dir))
-        assert r.returncode == 0, r.stderr[-4000:]
-        host._krea2_quant = json.loads(r.stdout.strip().splitlines()[-1])
+        host._krea2_quant = host_script(host, Path(host.models_dir), "quant_assets.py", src=os.path.join(dm, A.INTEROP),
+                                        out={k: os.path.join(dm, v) for k, v in QUANT.items()})
         host._krea2_hooks = True
     return host
 
@@ -268,14 +263,8 @@ def test_wrapper_and_patch_see_what_native_gives_them_and_memory_counts_referenc
     """hooks_check.py: a recording DIFFUSION_MODEL wrapper and attn1_output_patch on both MODELs, one
     reference (index_timestep_zero), cond + uncond in one batch."""
     c = A.INTEROP_CFG
-    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
-            "model": os.path.join(nh.models_dir, "diffusion_models", A.INTEROP), "ctx_width": c.text_taps * c.text_dim}
-    sp = tmp_path / "spec.json"
-    sp.write_text(json.dumps(spec))
-    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "hooks_check.py"), str(sp)],
-                       capture_output=True, text=True, timeout=600, cwd=nh.root)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = host_script(nh, tmp_path, "hooks_check.py", model=os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
+                      ctx_width=c.text_taps * c.text_dim)
     ours, native = res["ours"], res["native"]
     assert ours["class"] == "HostKrea2Transformer"
     assert ours["rec"]["wrapper_calls"] == native["rec"]["wrapper_calls"] == 2  # one batched call per step
@@ -349,15 +338,8 @@ def test_forward_is_natives_bit_for_bit_and_attention_overrides_act_on_both(nh, 
     written = {f: n for f, n in nh._krea2_quant.items() if isinstance(n, int)}
     print("quantized files written by the host:", nh._krea2_quant)
     assert written.get("int8_tensorwise", 0) > 0 and written.get("int8_convrot", 0) > 0, nh._krea2_quant
-    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
-            "models": {"fp32": os.path.join(dm, A.INTEROP), **{f: os.path.join(dm, QUANT[f]) for f in written}},
-            "ctx_width": c.text_taps * c.text_dim}
-    sp = tmp_path / "spec.json"
-    sp.write_text(json.dumps(spec))
-    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "attention_check.py"), str(sp)],
-                       capture_output=True, text=True, timeout=900, cwd=nh.root)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = host_script(nh, tmp_path, "attention_check.py", ctx_width=c.text_taps * c.text_dim,
+                      models={"fp32": os.path.join(dm, A.INTEROP), **{f: os.path.join(dm, QUANT[f]) for f in written}})
     for name, cases in res["files"].items():
         assert "errors" not in cases, (name, cases)  # every format the host writes, both loaders run
         for case, d in cases.items():
@@ -380,15 +362,8 @@ def test_torch_compile_model_runs_ours_compiled_and_equals_native(nh, tmp_path):
     """compile_check.py: core's TorchCompileModel path (set_torch_compile_wrapper, inductor) on both MODELs.
     Ours compiles to as few graphs as native's (here: one, native many, with graph breaks)."""
     c = A.INTEROP_CFG
-    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
-            "model": os.path.join(nh.models_dir, "diffusion_models", A.INTEROP), "ctx_width": c.text_taps * c.text_dim,
-            "backend": "inductor"}
-    sp = tmp_path / "spec.json"
-    sp.write_text(json.dumps(spec))
-    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "compile_check.py"), str(sp)],
-                       capture_output=True, text=True, timeout=900, cwd=nh.root)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = host_script(nh, tmp_path, "compile_check.py", model=os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
+                      ctx_width=c.text_taps * c.text_dim, backend="inductor")
     t = {side: {k: torch.tensor(v[k]) for k in ("plain", "compiled")} for side, v in res.items()}
     print(f"torch.compile: graphs ours {res['ours']['graphs']} (breaks {res['ours']['breaks']}), native "
           f"{res['native']['graphs']} (breaks {res['native']['breaks']}); compiled vs plain ours "

@@ -6,15 +6,13 @@ latent equals a plain Euler loop over krea2_model with the same weights. The oth
 Krea 2 text encoder conditions our transformer exactly like ours.
 """
 
-import json
 import os
-import subprocess
 
 import pytest
 
 from comfy_host import PACK_DIRNAME
 from tests.host import assets as A
-from tests.host.test_host_nodes import ROOT, SIZE, read_latent, reference, rel, run, saved
+from tests.host.test_host_nodes import SIZE, host_script, read_latent, reference, rel, run, saved
 
 pytestmark = pytest.mark.host
 
@@ -82,18 +80,12 @@ def test_cores_own_krea2_clip_conditions_our_model_like_ours(nh, tmp_path):
     does too, and cuts long prompts to the reference's 507 tokens where core alone passes all of them."""
     c = A.INTEROP_TEXT_CFG
     long_prompt = " ".join(["lighthouse"] * 600)
-    spec = {"pack_parent": os.path.dirname(nh.pack_dir), "pack_name": os.path.basename(nh.pack_dir),
-            "text_encoder": os.path.join(nh.models_dir, "text_encoders", A.INTEROP_TEXT),
-            "model": os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
-            "prompts": ["a lighthouse on a cliff at sunset", "", "a red fox, watercolor, " * 10, long_prompt],
-            "text_cfg": {"hidden": c.hidden, "mlp_hidden": c.mlp_hidden, "layers": c.layers, "heads": c.heads,
-                         "kv_heads": c.kv_heads, "vocab": c.vocab, "head_dim": c.head_dim}}
-    sp = tmp_path / "spec.json"
-    sp.write_text(json.dumps(spec))
-    r = subprocess.run([nh.python, os.path.join(ROOT, "tests", "host", "core_clip_check.py"), str(sp)],
-                       capture_output=True, text=True, timeout=600, cwd=nh.root)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res, r = host_script(nh, tmp_path, "core_clip_check.py", with_run=True,
+                         text_encoder=os.path.join(nh.models_dir, "text_encoders", A.INTEROP_TEXT),
+                         model=os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
+                         prompts=["a lighthouse on a cliff at sunset", "", "a red fox, watercolor, " * 10, long_prompt],
+                         text_cfg={"hidden": c.hidden, "mlp_hidden": c.mlp_hidden, "layers": c.layers, "heads": c.heads,
+                                   "kv_heads": c.kv_heads, "vocab": c.vocab, "head_dim": c.head_dim})
     assert res["core_is_krea2"], res
     short, empty, medium, long = res["prompts"]
     for p in (short, empty, medium):

@@ -302,16 +302,17 @@ def test_lora_block_filter_past_the_last_block_is_refused(h):
     assert "Krea2LoraLoader" in msg
 
 
-def host_script(h, tmp_path, script, **spec):
+def host_script(h, tmp_path, script, with_run=False, **spec):
     """Run ``tests/host/<script>`` with the host's python (cwd: the host) on a spec of the pack's location plus
-    ``spec``; returns the JSON line it prints last."""
+    ``spec``; returns the JSON line it prints last (with ``with_run``: and the finished process, for its stderr)."""
     path = tmp_path / f"{script}.spec.json"
     path.write_text(json.dumps({"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
                                 **spec}))
     r = subprocess.run([h.python, os.path.join(ROOT, "tests", "host", script), str(path)],
                        capture_output=True, text=True, timeout=900, cwd=h.root)
     assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return (res, r) if with_run else res
 
 
 def test_clip_load_sd_refuses_partial_or_foreign_dicts_and_weight_syntax_is_named(h, tmp_path):
