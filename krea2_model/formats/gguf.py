@@ -281,7 +281,9 @@ def open_gguf_text(path) -> GGUFSource:
 # ---- placing tensors into a model built on the meta device -----------------------------------------
 
 def _set_param(mod: torch.nn.Module, name: str, t: torch.Tensor) -> None:
-    mod._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+    # setattr, not ``_parameters[name] = ``: a layer built lazily (a host's, under dynamic VRAM) holds
+    # ``weight = None`` as a plain attribute, which would hide the parameter; Module.__setattr__ drops it
+    setattr(mod, name, torch.nn.Parameter(t, requires_grad=False))
 
 
 def attach_packed(mod: torch.nn.Module, t: GGUFTensor, device) -> None:

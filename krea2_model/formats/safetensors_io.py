@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from ..errors import Krea2FileError, PickleRefusedError
+from ..errors import Krea2FileError, PickleRefusedError, read_error
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -213,12 +213,12 @@ def open_safetensors(path: str) -> TensorSource:
         if "f" not in handle:
             try:
                 handle["f"] = safe_open(path, framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise Krea2FileError(f"{path}: cannot read safetensors data ({e}). The file is corrupt; download it again.")
+            except Exception as e:  # safetensors raises its own error types; name the real cause
+                raise read_error(path, e) from e
         try:
             return handle["f"].get_tensor(key)
         except Exception as e:
-            raise Krea2FileError(f"{path}: cannot read tensor '{key}' ({e}). The file is corrupt; download it again.")
+            raise read_error(f"{path} (tensor '{key}')", e) from e
 
     with open(path, "rb") as f:
         base = 8 + struct.unpack("<Q", f.read(8))[0]

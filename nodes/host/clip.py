@@ -30,6 +30,8 @@ from ...krea2_model.text.prompt import (MAX_TOKENS, SUFFIX_LEN, build_image_prom
                                         warn_truncated)
 from ...krea2_model.text.qwen3 import DEFAULT_TAPS, Qwen3TextConfig, Qwen3TextModel
 from ...krea2_model.text.tokenizer import find_tokenizer
+from .weights import load_into
+from .compat import takes
 
 log = logging.getLogger("krea2")
 KEY = "krea2_qwen3vl"
@@ -198,8 +200,22 @@ def uses_weight_syntax(text: str) -> bool:
     return bool(_WEIGHTED.search(text)) or "embedding:" in text
 
 
-def load_clip(path: str):
-    """A ComfyUI CLIP for a Qwen3-VL file or HF folder (validated with clear errors first)."""
+def load_clip(path: str, disable_dynamic: bool = False):
+    """A ComfyUI CLIP for a Qwen3-VL file or HF folder (validated with clear errors first). ``disable_dynamic``:
+    a plain (not dynamic-VRAM) patcher, what the host asks for through ``cached_patcher_init``."""
+    clip = _load_clip(path, disable_dynamic)
+    # the host rebuilds the encoder from this factory when it needs a non-dynamic or per-device copy (hooks,
+    # multi-GPU); core's own CLIPLoader registers the same
+    clip.patcher.cached_patcher_init = (load_clip_patcher, (path,))
+    return clip
+
+
+def load_clip_patcher(path: str, disable_dynamic: bool = False):
+    """The ModelPatcher of a freshly loaded CLIP: the factory ``cached_patcher_init`` calls."""
+    return load_clip(path, disable_dynamic).patcher
+
+
+def _load_clip(path: str, disable_dynamic: bool):
     ck = TextCheckpoint(path)
     tok_cls = type("Krea2ClipTokenizerFor", (Krea2ClipTokenizer,), {"tokenizer_source": path})
     tok_cls(None)  # tokenizer errors now, at load time, naming the file
@@ -211,28 +227,29 @@ def load_clip(path: str):
     if ck.layout == "gguf":  # weights stay quantized, dequantized at cast time: see nodes.host.gguf
         from .gguf import load_gguf_clip
         return load_gguf_clip(ck, target, n_params)
+    kwargs = {"disable_dynamic": True} if disable_dynamic and takes(comfy.sd.CLIP.__init__, "disable_dynamic") \
+        else {}
     clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=n_params,
-                         model_options={})  # fresh dicts: the host keeps and may fill them
-    # one tensor at a time straight into the host-built parameters: peak memory = model + one tensor
-    params = dict(clip.cond_stage_model.transformer.named_parameters())
-    missing = [k for k in ck.keys() if k not in params]
-    if missing:
-        raise Krea2Error(f"{path}: text encoder tensors without a place in the model: {missing[:5]}")
+                         model_options={}, **kwargs)  # fresh dicts: the host keeps and may fill them
+    # module by module through the host's own loading protocol (its layers may be built lazily: see
+    # nodes.host.weights): peak memory = model + one layer
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
     pbar = comfy.utils.ProgressBar(len(ck.keys()))
-    with torch.no_grad():
-        for k in ck.keys():
-            p = params[k]
-            p.copy_(ck.dequantized(k, keep_fp8=p.dtype in fp8))
-            pbar.update(1)
-        visual = clip.cond_stage_model.visual
-        if visual is not None:
-            vparams = dict(visual.named_parameters())
-            for k in ck.vision.keys():
-                vparams[k].copy_(ck.vision.dequantized(k, keep_fp8=vparams[k].dtype in fp8))
+
+    def text_tensor(k, dtype):
+        pbar.update(1)
+        return ck.dequantized(k, keep_fp8=dtype in fp8)
+
+    load_into(clip.cond_stage_model.transformer, ck.keys(), text_tensor, path, "text encoder")
+    visual = clip.cond_stage_model.visual
+    if visual is not None:
+        load_into(visual, ck.vision.keys(), lambda k, dtype: ck.vision.dequantized(k, keep_fp8=dtype in fp8),
+                  path, "vision tower")
     log.info("Krea 2: text encoder %s (%s layout, %d layers, hidden %d)", os.path.basename(path.rstrip('/')),
              ck.layout, ck.config.layers, ck.config.hidden)
     return clip
+
+
 
 
 def is_ours(clip) -> bool:

@@ -11,7 +11,6 @@ dequantization on every call; the stored bytes are never rewritten, so unpatchin
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 
@@ -26,11 +25,13 @@ import comfy.supported_models_base
 import comfy.utils
 
 from ...krea2_model import CanonicalCheckpoint
-from ...krea2_model.errors import Krea2Error
+from ...krea2_model.errors import Krea2Error, first_names
 from ...krea2_model.formats.gguf import place_tensor
 from ...krea2_model.formats.gguf_dequant import dequantize
 from ...krea2_model.formats.text_file import TextCheckpoint
 from .patcher import Krea2ModelPatcher
+from .weights import owner_of, slot, unfilled
+from .compat import takes
 
 log = logging.getLogger("krea2")
 
@@ -117,9 +118,29 @@ class Krea2GGUFPatcher(Krea2ModelPatcher):
         return True
 
 
-def _takes(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def place_all(model: torch.nn.Module, ck, what: str) -> int:
+    """Every tensor of GGUF checkpoint ``ck`` into ``model``, which the host may have built lazily (no
+    parameter exists yet under dynamic VRAM: see :mod:`nodes.host.weights`): each one created here, packed
+    blocks as they are, the rest in the dtype its layer was built for (norm scales float32), on the device its
+    layer was built on (the CPU for a lazy one). Returns how many stayed packed."""
+    packed = 0
+    pbar = comfy.utils.ProgressBar(len(ck.keys()))
+    for k in ck.keys():
+        try:
+            mod, _, name = owner_of(model, k)
+        except AttributeError:
+            raise Krea2Error(f"{ck.where}: {what} tensor {k!r} has no place in the model.") from None
+        dtype, device, _lazy = slot(mod, name)
+        target = torch.float32 if k.endswith(".scale") else dtype
+        packed += place_tensor(model, k, ck.src.packed(ck.keymap[k]), ck.shape(k), target, device, ck.where)
+        pbar.update(1)
+    empty = unfilled(model)
+    if empty:
+        raise Krea2Error(f"{ck.where}: the {what} was left with parameters that no tensor filled: "
+                         f"{first_names(empty)}. The file is incomplete for this model.")
+    return packed
 
 
 def load_gguf_model(path: str, weight_dtype: str = "default", model_options: dict | None = None):
@@ -139,21 +160,13 @@ def load_gguf_model(path: str, weight_dtype: str = "default", model_options: dic
     n_params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
     unet_dtype = mm.unet_dtype(model_params=n_params, supported_dtypes=model_config.supported_inference_dtypes)
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
-    if _takes(model_config.set_inference_dtype, "device"):
+    if takes(model_config.set_inference_dtype, "device"):
         model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
     else:
         model_config.set_inference_dtype(unet_dtype, manual_cast)
     model_config.custom_operations = host_gguf_ops(comfy.ops.manual_cast)
     model = model_config.get_model({}, "")
-    dm = model.diffusion_model
-    params = dict(dm.named_parameters())
-    packed = 0
-    pbar = comfy.utils.ProgressBar(len(ck.keys()))
-    for k in ck.keys():
-        p = params[k]
-        target = torch.float32 if k.endswith(".scale") else p.dtype
-        packed += place_tensor(dm, k, ck.src.packed(ck.keymap[k]), ck.shape(k), target, "cpu", ck.where)
-        pbar.update(1)
+    packed = place_all(model.diffusion_model, ck, "transformer")
     patcher = Krea2GGUFPatcher(model, load_device=load_device, offload_device=offload_device)
     if not mm.is_device_cpu(offload_device):
         model.to(offload_device)
@@ -167,18 +180,10 @@ def load_gguf_clip(ck: TextCheckpoint, target, n_params: int):
     """A Qwen3-VL text-model GGUF (its :class:`TextCheckpoint`) -> ComfyUI CLIP built from ``target`` (the
     ``ClipTarget`` ``nodes.host.clip.load_clip`` makes), block-quantized weights kept packed."""
     path = ck.where
-    kwargs = {"disable_dynamic": True} if _takes(comfy.sd.CLIP.__init__, "disable_dynamic") else {}
+    kwargs = {"disable_dynamic": True} if takes(comfy.sd.CLIP.__init__, "disable_dynamic") else {}
     clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=n_params,
                          model_options={"custom_operations": host_gguf_ops(comfy.ops.manual_cast)}, **kwargs)
-    tower = clip.cond_stage_model.transformer
-    params = dict(tower.named_parameters())
-    missing = [k for k in ck.keys() if k not in params]
-    if missing:
-        raise Krea2Error(f"{path}: text encoder tensors without a place in the model: {missing[:5]}")
-    packed = 0
-    for k in ck.keys():
-        p = params[k]
-        packed += place_tensor(tower, k, ck.src.packed(ck.keymap[k]), ck.shape(k), p.dtype, p.device, ck.where)
+    packed = place_all(clip.cond_stage_model.transformer, ck, "text encoder")
     log.info("Krea 2: text encoder %s (GGUF, %d layers, hidden %d, %d of %d tensors kept quantized)",
              os.path.basename(path), ck.config.layers, ck.config.hidden, packed, len(ck.keys()))
     return clip

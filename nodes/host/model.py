@@ -8,7 +8,6 @@ offload devices, so low-VRAM partial loading, LoRA patching and unloading work a
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 
@@ -22,10 +21,12 @@ import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 
-from ...krea2_model import CanonicalCheckpoint, Krea2Config, Krea2FileError, Krea2Transformer
+from ...krea2_model import CanonicalCheckpoint, Krea2Config, Krea2Transformer
+from ...krea2_model.errors import read_error
 from ...krea2_model.formats.transformer_file import _fix_shape as fix_shape
 from .attention import host_attention, host_rope
 from .patcher import patcher_class
+from .compat import takes
 
 log = logging.getLogger("krea2")
 
@@ -157,8 +158,8 @@ def _read_canonical(ck: CanonicalCheckpoint):
     for f in files:
         try:
             part = comfy.utils.load_torch_file(f, safe_load=True)
-        except Exception as e:  # header was valid, data is not
-            raise Krea2FileError(f"{f}: cannot read the tensors ({e}). The file is corrupt; download it again.") from None
+        except Exception as e:  # the header was valid: say what actually went wrong
+            raise read_error(f, e) from e
         raw.update(part)
         pbar.update(1)
     sd = {c: fix_shape(c, raw.pop(s)) for c, s in ck.keymap.items()}
@@ -166,8 +167,19 @@ def _read_canonical(ck: CanonicalCheckpoint):
     return sd, metadata
 
 
-def load_model(path: str, weight_dtype: str = "default", model_options: dict | None = None):
-    """Load a Krea 2 transformer file or diffusers folder into a ComfyUI ``ModelPatcher``."""
+def load_model(path: str, weight_dtype: str = "default", model_options: dict | None = None,
+               disable_dynamic: bool = False):
+    """Load a Krea 2 transformer file or diffusers folder into a ComfyUI ``ModelPatcher``.
+
+    ``disable_dynamic``: a plain (not dynamic-VRAM) patcher, what the host asks for through
+    ``cached_patcher_init`` when a node needs one (TorchCompileModel, hooks, multi-GPU clones)."""
+    patcher = _load_model(path, weight_dtype, model_options, disable_dynamic)
+    # the host rebuilds a MODEL from this factory when it needs a non-dynamic or a per-device copy of it
+    patcher.cached_patcher_init = (load_model, (path, weight_dtype, model_options))
+    return patcher
+
+
+def _load_model(path, weight_dtype, model_options, disable_dynamic):
     from ...krea2_model.formats.gguf import is_gguf
     if is_gguf(path):  # weights stay quantized, dequantized at cast time: see nodes.host.gguf
         from .gguf import load_gguf_model
@@ -206,7 +218,7 @@ def load_model(path: str, weight_dtype: str = "default", model_options: dict | N
         unet_dtype = opts["dtype"]
     manual_cast = mm.unet_manual_cast(None if _cfg_attr(model_config, "quant_config") is not None else unet_dtype,
                                       load_device, model_config.supported_inference_dtypes)
-    if _takes(model_config.set_inference_dtype, "device"):
+    if takes(model_config.set_inference_dtype, "device"):
         model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
     else:  # older hosts (0.3.6x): no device argument
         model_config.set_inference_dtype(unet_dtype, manual_cast)
@@ -214,13 +226,14 @@ def load_model(path: str, weight_dtype: str = "default", model_options: dict | N
         model_config.optimizations["fp8"] = True
 
     model = model_config.get_model(sd, "")
-    patcher_cls = patcher_class(getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher),
-                                load_device)
+    core_cls = comfy.model_patcher.ModelPatcher if disable_dynamic else \
+        getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher_cls = patcher_class(core_cls, load_device)
     patcher = patcher_cls(model, load_device=load_device, offload_device=offload_device)
     if not mm.is_device_cpu(offload_device):
         model.to(offload_device)
     dynamic = getattr(patcher, "is_dynamic", lambda: False)()
-    if _takes(model.load_model_weights, "assign"):
+    if takes(model.load_model_weights, "assign"):
         model.load_model_weights(sd, "", assign=dynamic)
     else:  # older hosts: no assign argument (and no dynamic VRAM)
         model.load_model_weights(sd, "")
@@ -230,11 +243,6 @@ def load_model(path: str, weight_dtype: str = "default", model_options: dict | N
     return patcher
 
 
-def _takes(fn, name: str) -> bool:
-    """Whether host function ``fn`` accepts keyword ``name``: host versions differ in signatures, and
-    asking once is exact where retrying on TypeError would hide a TypeError raised inside the call."""
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def is_krea2_model(model) -> bool:

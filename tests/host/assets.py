@@ -12,6 +12,9 @@ import os
 import subprocess
 import textwrap
 
+import torch
+from safetensors.torch import load_file, save_file
+
 
 from krea2_model import Krea2Config
 from krea2_model.text.qwen3 import Qwen3TextConfig
@@ -109,7 +112,6 @@ def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
     # with a complete (tiny) vision tower, so image prompts and the reference example run on it too
     paths["text"] = tiny_text.write(text_state(0), os.path.join(models_dir, "text_encoders", TEXT), "full-vl",
                                     HOST_TEXT_CFG)
-    from safetensors.torch import save_file
     from krea2_model.tiny import lora as tiny_lora
     for key, name, style in (("lora", LORA, "comfy"), ("lora_diffusers", LORA_DIFFUSERS, "diffusers"),
                              ("lora_fused", LORA_FUSED, "lycoris-fused"), ("style_lora", STYLE_LORA, "aitoolkit")):
@@ -124,3 +126,19 @@ def make_assets(models_dir: str, host_python: str, comfy_root: str) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"could not build the tiny Wan VAE with the host's code:\n{r.stderr[-3000:]}")
     return paths
+
+
+def scaled_fp8_copy(src, dst):
+    """``src`` (ComfyUI layout) as ComfyUI's scaled-fp8 file: block Linear weights in float8_e4m3fn with a
+    per-tensor ``scale_weight`` and the ``scaled_fp8`` marker (what newer hosts convert to quantized tensors)."""
+    q = {}
+    for k, v in load_file(src).items():
+        if k.startswith("model.diffusion_model.blocks.") and k.endswith(".weight") and v.ndim == 2:
+            scale = v.float().abs().max() / 448.0
+            q[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            q[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            q[k] = v
+    q["model.diffusion_model.scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    save_file(q, dst)
+    return dst

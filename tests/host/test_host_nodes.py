@@ -466,22 +466,6 @@ def patch_check(h, tmp_path_factory):
     return h._krea2_patch_check
 
 
-def _scaled_fp8_copy(src, dst):
-    """``src`` (ComfyUI layout) as ComfyUI's scaled-fp8 file: block Linear weights in float8_e4m3fn with a
-    per-tensor ``scale_weight`` and the ``scaled_fp8`` marker (what newer hosts convert to quantized tensors)."""
-    q = {}
-    for k, v in load_file(src).items():
-        if k.startswith("model.diffusion_model.blocks.") and k.endswith(".weight") and v.ndim == 2:
-            scale = v.float().abs().max() / 448.0
-            q[k] = (v.float() / scale).to(torch.float8_e4m3fn)
-            q[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
-        else:
-            q[k] = v
-    q["model.diffusion_model.scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
-    save_file(q, dst)
-    return dst
-
-
 def _run_patch_check(h, tmp_path):
     from krea2_model.tiny import lora as tiny_lora
     loras = {}
@@ -493,7 +477,7 @@ def _run_patch_check(h, tmp_path):
     spec = {"pack_parent": os.path.dirname(h.pack_dir), "pack_name": os.path.basename(h.pack_dir),
             "model": os.path.join(h.models_dir, "diffusion_models", A.TURBO), "loras": loras,
             "stack": [loras["comfy"], loras["lycoris-fused"]],
-            "scaled_model": _scaled_fp8_copy(os.path.join(h.models_dir, "diffusion_models", A.TURBO),
+            "scaled_model": A.scaled_fp8_copy(os.path.join(h.models_dir, "diffusion_models", A.TURBO),
                                              str(tmp_path / "turbo_scaled_fp8.safetensors"))}
     if h.native_krea2:  # core's own Krea 2 MODEL through our loader
         from krea2_model.tiny import transformer as tiny
