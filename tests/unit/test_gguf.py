@@ -85,6 +85,70 @@ def test_chunked_dequantize_equals_one_pass(name, monkeypatch):
     assert torch.equal(dequantize(raw, name, (5, row), torch.float16), ref.to(torch.float16))
 
 
+def test_every_device_dequantizes_in_chunks():
+    """Off the CPU, dequantize used to run one float32 pass over the whole tensor, then cast: ~6 bytes of
+    temporaries per element on top of the output (640 MB for one 6144 x 16384 weight), every call. Now every
+    device goes a chunk at a time. The plan is checked for a CUDA device (no GPU needed to plan) and the chunked
+    path is run on the meta device, torch's device-agnostic stand-in, counting the block calls."""
+    from krea2_model.formats import gguf_dequant as G
+    n_blocks = 6144 * 16384 // 256
+    plan = G.chunk_plan(n_blocks, "Q4_K", torch.device("cuda"))
+    assert len(plan) > 1 and plan[0][0] == 0 and plan[-1][1] == n_blocks
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # contiguous, nothing skipped
+    assert max(j - i for i, j in plan) * 256 <= G.DEVICE_CHUNK
+    assert len(G.chunk_plan(64, "Q4_K", torch.device("cuda"))) == 1  # small tensors: one pass
+    q = G.QTYPES["Q8_0"]
+    calls = []
+
+    def counted(b):
+        calls.append(b.shape[0])
+        return q.fn(b)
+    G.QTYPES["Q8_0"] = q._replace(fn=counted)
+    try:
+        raw = torch.empty(2048 * (4096 // 32 * 34), dtype=torch.uint8, device="meta")
+        out = dequantize(raw, "Q8_0", (2048, 4096), torch.bfloat16)
+    finally:
+        G.QTYPES["Q8_0"] = q
+    assert out.device.type == "meta" and out.shape == (2048, 4096) and out.dtype == torch.bfloat16
+    assert len(calls) == len(G.chunk_plan(2048 * 4096 // 32, "Q8_0", "meta")) > 1 and sum(calls) == 2048 * 128
+
+
+_PEAK = """
+import gc, sys
+import torch
+from krea2_model.formats import gguf_dequant as G
+name, rows, cols = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+q = G.qtype_of(name)
+raw = torch.randint(0, 256, (rows, cols // q.block_elems * q.block_bytes), dtype=torch.uint8)
+G.dequantize(raw[:64].clone(), name, (64, cols), torch.bfloat16)  # allocator and kernels warmed up
+gc.collect()
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident size (VmHWM) to the current one
+base = status("VmRSS")
+out = G.dequantize(raw, name, (rows, cols), torch.bfloat16)
+print((status("VmHWM") - base) / (out.numel() * out.element_size()))
+"""
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "IQ4_XS"])
+def test_one_layer_call_peaks_at_most_1_1x_its_output(name):
+    """Peak memory of one dequantized call of a Krea-sized weight (6144 x 6144 to bf16), measured as the
+    process's peak resident memory (Linux VmHWM, reset just before the call) in a fresh interpreter: output plus one chunk's temporaries, <= 1.1x the
+    output (measured 1.00-1.08x)."""
+    r = subprocess.run([sys.executable, "-c", _PEAK, name, "6144", "6144"], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ratio = float(r.stdout.strip().splitlines()[-1])
+    assert 0.9 < ratio <= 1.1, ratio
+
+
 def test_dequantize_checks_the_byte_count():
     raw = torch.zeros(33, dtype=torch.uint8)
     with pytest.raises(ValueError, match="Q8_0"):
