@@ -12,6 +12,29 @@ combined boolean mask ``(B or 1, 1, L, L)`` instead of a flag.
 
 A host can swap the backend with :func:`set_attention_backend` (ComfyUI's optimized attention,
 for example); the default is PyTorch SDPA.
+
+Which SDPA kernel each call reaches on CUDA (PyTorch >= 2.5). SDPA's flash kernel takes fp16 / bf16 without a
+mask (``is_causal`` and GQA included), the memory-efficient kernel any dtype and any mask; everything else falls
+to the math kernel, which materialises the (L, L) scores (grouped-query attention with a mask through
+``enable_gqa`` is the known trap: other Krea 2 implementations measured it 3x slower). None of ours reaches it:
+
+=====================================  ===================================  ======================================
+call                                   what SDPA gets                       kernel
+=====================================  ===================================  ======================================
+transformer joint attention, bf16      ``Hkv`` heads, query groups stacked  flash
+                                       along the sequence, no mask
+the same with a key mask (references,  stacked, boolean mask (B, 1, 1, L)   memory-efficient
+regions), or in float32                or (B, 1, rep*L, L)
+Qwen3 text tower (causal), bf16 /      ``is_causal`` + ``enable_gqa``       flash
+fp16, no mask
+text tower in float32 (ComfyUI's       stacked, explicit causal mask        memory-efficient
+CLIP computes in float32) or with a
+key mask / a generation cache
+vision tower (one call per image)      plain multi-head, no mask            flash (bf16) / memory-efficient (fp32)
+=====================================  ===================================  ======================================
+
+``benchmarks/gpu_check.py`` runs these calls at full size under ``sdpa_kernel`` restricted to the flash and
+memory-efficient kernels, so a change that reaches the math kernel fails there.
 """
 
 from __future__ import annotations
@@ -56,7 +79,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         out = None
         if mask is None and h == hkv:
             out = sdpa_fn(q, k, v, is_causal=True)
-        elif mask is None and SDPA_HAS_GQA:  # K/V heads shared in the kernel, and the causal flag stays fast
+        elif mask is None and SDPA_HAS_GQA and not (q.is_cuda and q.dtype == torch.float32):
+            # K/V heads shared in the kernel, and the causal flag stays fast (flash). On CUDA in float32 only the
+            # math kernel takes enable_gqa: there the stacked layout below with an explicit mask is used instead
             out = sdpa_fn(q, k, v, is_causal=True, enable_gqa=True)
         if out is not None:
             return out.transpose(1, 2).reshape(b, l, h * d)
