@@ -22,6 +22,11 @@ def node_list():
     except ImportError as e:  # pragma: no cover - reported, never silent
         log.error("Krea 2: text nodes unavailable: %s", e)
     try:
+        from .regional_nodes import Krea2RegionalPrompt
+        nodes.append(Krea2RegionalPrompt)
+    except ImportError as e:  # pragma: no cover
+        log.error("Krea 2: regional prompt node unavailable: %s", e)
+    try:
         from .lora_nodes import Krea2LoraLoader
         nodes.append(Krea2LoraLoader)
     except ImportError as e:  # pragma: no cover

@@ -59,11 +59,12 @@ def _fingerprint(params) -> torch.Tensor | None:
 
 class TextCache:
     """A few ``(conditioning, mask, dtype, weights) -> text tokens`` entries, most recent first
-    (several, because a sampler may send cond and uncond in separate calls every step). Keys hold
+    (several: a sampler may send cond and uncond in separate calls every step, and regional prompts add
+    one conditioning per region). Keys hold
     copies of the conditioning and mask, and weak references to the weights and hooks, so a
     replaced weight or a freed LoRA hook is never mistaken for a live one."""
 
-    def __init__(self, size: int = 4):
+    def __init__(self, size: int = 12):
         self.size = size
         self.entries: list[dict] = []
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..errors import ConditioningError
 from .attention import attention
 from .layers import Attention, RMSNorm, SwiGLU, cast_param, ops_or_default
+from .regions import regional_attention_mask, token_masks
 from .text_cache import TextCache, stage_weights
 
 log = logging.getLogger("krea2")
@@ -486,7 +487,7 @@ class Krea2Transformer(nn.Module):
         return self._forward(x, sigma, context, attention_mask, ref_latents, transformer_options, **kwargs)
 
     def _forward(self, x, sigma, context, attention_mask=None, ref_latents=None, transformer_options=None,
-                 ref_latents_method=None, **kwargs):
+                 ref_latents_method=None, krea2_regions=None, **kwargs):
         cfg = self.config
         # ComfyUI's host hooks are read from transformer_options, all here and in the block loop below:
         # patches["post_input"], patches["attn1_patch"], patches["attn1_output_patch"] (AttentionHooks),
@@ -548,6 +549,15 @@ class Krea2Transformer(nn.Module):
         if "post_input" in patches:
             rope = self.rope(txt.shape[1], gh, gw, x.device, ref_grids)
             img, txt, rope = self._post_input(patches["post_input"], img, txt.clone(), rope, gh, gw, ref_grids, opts)
+        L_base = txt.shape[1]
+        region_lens = ()
+        if krea2_regions:  # regional prompts (regions.py): each prompt through its own text stage, after the base
+            parts = [self.text_tokens(r.context.to(x.device).expand(B, -1, -1), None, opts).to(dt)
+                     for r in krea2_regions]
+            region_lens = tuple(t.shape[1] for t in parts)
+            txt = torch.cat([txt, *parts], dim=1)
+            if rope is not None:  # a post_input patch gave positions: region text sits at text's (0, 0, 0)
+                rope = _insert_text_rows(rope, L_base, sum(region_lens))
         L_txt = txt.shape[1]
         if rope is None:
             rope = self.rope(L_txt, gh, gw, x.device, ref_grids)
@@ -556,9 +566,13 @@ class Krea2Transformer(nn.Module):
         del txt, img
         mask = None
         if am is not None:
-            if am.shape[1] != L_txt:
-                raise ConditioningError(f"attention_mask covers {am.shape[1]} text tokens, the sequence has {L_txt}.")
-            mask = torch.cat([am, am.new_ones(B, h.shape[1] - L_txt)], dim=1)[:, None, None, :]
+            if am.shape[1] != L_base:
+                raise ConditioningError(f"attention_mask covers {am.shape[1]} text tokens, the sequence has {L_base}.")
+            mask = torch.cat([am, am.new_ones(B, h.shape[1] - L_base)], dim=1)[:, None, None, :]
+        if krea2_regions:
+            inside = token_masks(krea2_regions, gh, gw, x.device)
+            rm = regional_attention_mask(L_base, region_lens, inside, h.shape[1] - L_txt - n_target)
+            mask = rm if mask is None else rm & mask
 
         opts["total_blocks"] = len(self.blocks)
         opts["block_type"] = "single"
@@ -624,6 +638,16 @@ class Krea2Transformer(nn.Module):
         args = {"img": h, "vec": vec, "pe": rope, "attn_mask": mask, "transformer_options": opts,
                 "vec_ref": vec_ref, "ref_start": ref_start}
         return fn(args, {"original_block": original})["img"]
+
+
+def _insert_text_rows(rope, at: int, n: int):
+    """RoPE tables with ``n`` rows at text position (0, 0, 0) (angle 0) inserted before row ``at``."""
+    cos, sin, cis = rope
+    one = cos.new_ones(n, cos.shape[-1])
+    zero = sin.new_zeros(n, sin.shape[-1])
+    cos = torch.cat([cos[..., :at, :], one.expand(*cos.shape[:-2], n, -1), cos[..., at:, :]], dim=-2)
+    sin = torch.cat([sin[..., :at, :], zero.expand(*sin.shape[:-2], n, -1), sin[..., at:, :]], dim=-2)
+    return cos, sin, torch.complex(cos, sin)
 
 
 _KNOWN_TEXT_WIDTHS = {

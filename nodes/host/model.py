@@ -92,6 +92,9 @@ class Krea2BaseModel(comfy.model_base.BaseModel):
             method = kwargs.get("reference_latents_method", None)
             if method is not None:
                 out["ref_latents_method"] = comfy.conds.CONDConstant(method)
+        regions = kwargs.get("krea2_regions", None)
+        if regions is not None:  # Krea2RegionalPrompt: compared by identity, so batched only with the same regions
+            out["krea2_regions"] = comfy.conds.CONDConstant(regions)
         return out
 
     def extra_conds_shapes(self, **kwargs):
