@@ -80,6 +80,32 @@ def graph_core_reference():
     return {k: g[k] for k in order}
 
 
+REGION_BASE = "A sunlit meadow at the edge of a pine forest, two animals resting in the grass, photograph"
+REGION_PROMPTS = ("A red fox curled up asleep", "A white snowy owl perched on a stump, eyes open")
+
+
+def graph_regional():
+    """Turbo with two regional prompts in one forward (Krea2RegionalPrompt): a fox on the left half, an owl on the
+    right, the base prompt everywhere; the masks are made with core's SolidMask and MaskComposite."""
+    g = graph_turbo()
+    g["pos"] = ("Krea2TextEncode", {"clip": ("clip", 0), "text": REGION_BASE})
+    g["r1"] = ("Krea2TextEncode", {"clip": ("clip", 0), "text": REGION_PROMPTS[0]})
+    g["r2"] = ("Krea2TextEncode", {"clip": ("clip", 0), "text": REGION_PROMPTS[1]})
+    g["black"] = ("SolidMask", {"value": 0.0, "width": 1024, "height": 1024})
+    g["half"] = ("SolidMask", {"value": 1.0, "width": 512, "height": 1024})
+    g["left"] = ("MaskComposite", {"destination": ("black", 0), "source": ("half", 0), "x": 0, "y": 0,
+                                   "operation": "add"})
+    g["right"] = ("MaskComposite", {"destination": ("black", 0), "source": ("half", 0), "x": 512, "y": 0,
+                                    "operation": "add"})
+    g["regional"] = ("Krea2RegionalPrompt", {"conditioning": ("pos", 0), "region_1": ("r1", 0), "mask_1": ("left", 0),
+                                             "region_2": ("r2", 0), "mask_2": ("right", 0)})
+    g["ksampler"][1]["positive"] = ("regional", 0)
+    g["save"][1]["filename_prefix"] = "krea2_regional"
+    order = ["model", "sampling", "clip", "black", "half", "pos", "r1", "r2", "left", "right", "regional", "neg",
+             "latent", "ksampler", "vae", "decode", "save"]
+    return {k: g[k] for k in order}
+
+
 def graph_raw():
     return {
         "model": ("Krea2ModelLoader", {"model_name": "krea2_raw_bf16.safetensors", "weight_dtype": "default"}),
@@ -97,11 +123,13 @@ def graph_raw():
     }
 
 
-TITLES = {"pos": "Prompt", "neg": "Negative prompt"}
+TITLES = {"pos": "Prompt", "neg": "Negative prompt", "r1": "Region 1 prompt", "r2": "Region 2 prompt",
+          "left": "Region 1 mask (left half)", "right": "Region 2 mask (right half)"}
 # body height (px) per node type at width 380: slots + widgets (20 px each), the prompt box, the preview
 HEIGHTS = {"Krea2ModelSampling": 160, "Krea2TextEncode": 200, "KSampler": 270, "Krea2LoraLoader": 140,
            "EmptySD3LatentImage": 110, "SaveImage": 300, "LoadImage": 340, "Krea2ReferenceEncode": 280,
-           "VAEEncode": 70, "ReferenceLatent": 70, "FluxKontextMultiReferenceLatentMethod": 90}
+           "VAEEncode": 70, "ReferenceLatent": 70, "FluxKontextMultiReferenceLatentMethod": 90,
+           "SolidMask": 110, "MaskComposite": 140, "Krea2RegionalPrompt": 210}
 #: widget values a UI file holds after the listed widgets (LoadImage's upload button)
 TRAILING_WIDGETS = {"LoadImage": ["image"]}
 # values of our nodes' optional (advanced) widgets, written out so UI and API twins say the same
@@ -140,7 +168,8 @@ def to_ui(g):
     order = {name: i for i, name in enumerate(g)}
     cols = {"model": 0, "clip": 0, "vae": 0, "image": 0, "encode": 1, "ref": 2, "method": 2, "latent": 1,
             "sampling": 1, "lora": 1, "pos": 1, "neg": 1,
-            "ksampler": 2, "decode": 3, "save": 3}
+            "ksampler": 2, "decode": 3, "save": 3, "black": 0, "half": 0, "r1": 1, "r2": 1, "left": 2, "right": 2,
+            "regional": 3}
     rows = {}
     for name, (cls, inputs) in g.items():
         col = cols.get(name, 1)
@@ -179,7 +208,8 @@ def main():
     for fname, g0 in (("krea2_turbo_text_to_image", graph_turbo()), ("krea2_raw_text_to_image", graph_raw()),
                      ("krea2_turbo_lora", graph_turbo(lora=True)),
                      ("krea2_turbo_style_reference", graph_style_reference()),
-                     ("krea2_turbo_reference_core_nodes", graph_core_reference())):
+                     ("krea2_turbo_reference_core_nodes", graph_core_reference()),
+                     ("krea2_turbo_regional_prompt", graph_regional())):
         g = with_defaults(g0)
         with open(os.path.join(OUT, fname + ".json"), "w") as f:
             json.dump(to_ui(g), f, indent=1)

@@ -27,6 +27,9 @@ WIDGETS = {
     "Krea2ReferenceEncode": [("text", False), ("method", False)],
     "VAEEncode": [], "ReferenceLatent": [],
     "FluxKontextMultiReferenceLatentMethod": [("reference_latents_method", False)],
+    "SolidMask": [("value", False), ("width", False), ("height", False)],
+    "MaskComposite": [("x", False), ("y", False), ("operation", False)],
+    "Krea2RegionalPrompt": [],
 }
 # node type -> output types
 OUTPUTS = {
@@ -35,6 +38,7 @@ OUTPUTS = {
     "EmptySD3LatentImage": ["LATENT"], "KSampler": ["LATENT"], "VAELoader": ["VAE"], "VAEDecode": ["IMAGE"],
     "SaveImage": [], "LoadImage": ["IMAGE", "MASK"], "Krea2ReferenceEncode": ["CONDITIONING"],
     "VAEEncode": ["LATENT"], "ReferenceLatent": ["CONDITIONING"], "FluxKontextMultiReferenceLatentMethod": ["CONDITIONING"],
+    "SolidMask": ["MASK"], "MaskComposite": ["MASK"], "Krea2RegionalPrompt": ["CONDITIONING"],
 }
 
 
