@@ -55,6 +55,7 @@ AGREED = {
     "Krea2ReferenceEncode": {"inputs": ["clip", "text", "vae", "image"],
                              "defaults": {"method": "style / edit (timestep zero)"},
                              "options": {"method": ["style / edit (timestep zero)", "identity edit"]}},
+    "Krea2RegionalPrompt": {"inputs": ["conditioning", "region_1", "mask_1", "region_2", "mask_2"]},
 }
 MODEL_WIDGETS = {"model_name", "text_encoder_name", "lora_name", "vae_name", "unet_name", "clip_name",
                  "ckpt_name"}
@@ -295,7 +296,8 @@ def check_defaults(pg: Page) -> list:
             problems.append(f"{cls}: the frontend cannot create it")
             continue
         for name in spec["inputs"]:
-            if name not in fresh and name not in ("model", "clip", "vae", "image"):  # link-only inputs
+            if name not in fresh and name not in ("model", "clip", "vae", "image", "conditioning") \
+                    and not name.startswith(("region_", "mask_")):  # link-only inputs
                 problems.append(f"{cls}: a new node has no widget {name!r} ({sorted(fresh)})")
         for name, value in spec.get("defaults", {}).items():
             if fresh.get(name) != value:

@@ -32,6 +32,7 @@ OUR_NODES = {
     "Krea2ModelSampling": ["model", "variant", "width", "height"],
     "Krea2LoraLoader": ["model", "lora_name", "strength"],
     "Krea2ReferenceEncode": ["clip", "text", "vae", "image", "method"],  # then the optional image2, image3
+    "Krea2RegionalPrompt": ["conditioning", "region_1", "mask_1", "region_2", "mask_2", "region_3", "mask_3", "region_4", "mask_4"],
 }
 SIZE = 128  # pixels: 16x16 latent, 64 image tokens on the tiny model
 

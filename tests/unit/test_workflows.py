@@ -11,7 +11,7 @@ from tests.ui_to_api import ui_to_api
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 UI_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 NODE_IDS = {"Krea2ModelLoader", "Krea2TextEncoderLoader", "Krea2TextEncode", "Krea2ModelSampling", "Krea2LoraLoader",
-            "Krea2ReferenceEncode"}
+            "Krea2ReferenceEncode", "Krea2RegionalPrompt"}
 
 
 def test_examples_exist():
