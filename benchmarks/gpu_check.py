@@ -15,8 +15,9 @@ with ``torch.cuda.mem_get_info`` at every step, which sees what aimdo maps outsi
 Cases, in this order, as many as ``--budget`` seconds allow (the rest are marked "not reached"):
 
 1. ``default_bf16``: ComfyUI's default flags (dynamic VRAM on), bf16. Also: our attention function alone at full
-   size with ``torch.nn.attention.sdpa_kernel`` restricted to the flash and memory-efficient kernels, with and
-   without a key mask (grouped-query attention with a mask is where PyTorch falls back to its math kernel);
+   size with ``torch.nn.attention.sdpa_kernel`` restricted to the flash and memory-efficient kernels, without a
+   mask, with a key mask, with a regional mask, and the text tower's causal calls in bf16 and float32
+   (grouped-query attention with a mask is where PyTorch falls back to its math kernel);
 2. ``fp8_e4m3fn_fast``: ``weight_dtype=fp8_e4m3fn_fast`` on both loaders;
 3. ``disable_dynamic_vram``: ``--disable-dynamic-vram`` (the legacy ModelPatcher);
 4. ``lowvram``: ``--lowvram`` with ``--reserve-vram`` leaving less than the model, so both offload;
@@ -256,6 +257,12 @@ def _attention_check(torch, cfg):
     tk = torch.randn(1, 8, 600, 128, device="cuda")
     calls = [("joint, no mask", lambda: attention(q, k, k)), ("joint, key mask", lambda: attention(q, k, k, mask)),
              ("joint fp32, key mask", lambda: attention(q.float(), k.float(), k.float(), mask))]
+    # regional prompts: a (1, 1, L, L) boolean mask (two regions over a 64 x 64 token grid)
+    from krea2_model.model.regions import regional_attention_mask
+    inside = torch.zeros(2, 4096, dtype=torch.bool, device="cuda")
+    inside[0, :2048], inside[1, 2048:] = True, True
+    rmask = regional_attention_mask(L - 4096 - 60, (30, 30), inside)
+    calls.append(("joint, regional mask", lambda: attention(q, k, k, rmask)))
     for dt in (torch.bfloat16, torch.float32):
         calls.append((f"text causal {str(dt)[6:]}", lambda dt=dt: attention(tq.to(dt), tk.to(dt), tk.to(dt),
                                                                           is_causal=True)))

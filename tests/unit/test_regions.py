@@ -149,3 +149,26 @@ def test_bad_regions_are_named():
     x, s, ctx = _inputs()
     with pytest.raises(ConditioningError, match="region_1 covers no latent patch"):
         model(x, s, ctx, krea2_regions=RegionalPrompts([make_region(ctx, tiny, "region_1", WIDTH)]))
+
+
+def test_attn1_patch_sees_the_regional_mask_and_may_replace_it():
+    """Host attention patches get the regional mask as ``attn_mask`` (as native passes masks through), and a
+    patch that returns its own mask is used."""
+    model = _model()
+    x, s, ctx = _inputs()
+    regions = RegionalPrompts([make_region(ctx[:, :4], _left_half(), "region_1", WIDTH)])
+    seen = []
+
+    def patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        seen.append(None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype))
+        return {}
+
+    out = model(x, s, ctx, krea2_regions=regions, transformer_options={"patches": {"attn1_patch": [patch]}})
+    L = 7 + 4 + 24
+    assert seen and all(m == ((1, 1, L, L), torch.bool) for m in seen[-CFG.layers:]), seen
+    assert torch.equal(out, model(x, s, ctx, krea2_regions=regions))  # an identity patch changes nothing
+
+    def no_mask(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        return {"attn_mask": None}
+    opened = model(x, s, ctx, krea2_regions=regions, transformer_options={"patches": {"attn1_patch": [no_mask]}})
+    assert not torch.equal(opened, out)  # without the mask every token sees every prompt
