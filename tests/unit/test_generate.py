@@ -350,3 +350,42 @@ def test_seeds_reproduce_and_differ(files, tok_dir):
     a = ours.generate_ids(PROMPT, seed=3, **kw)
     assert a == ours.generate_ids(PROMPT, seed=3, **kw)
     assert len({tuple(ours.generate_ids(PROMPT, seed=s, **kw)) for s in range(1, 6)} | {tuple(a)}) > 1
+
+
+# ---- a GGUF's vocabulary against the tokenizer, at load ----------------------------------------------------
+
+def _tiny_vocab(tok_dir):
+    from tokenizers import Tokenizer
+    got = Tokenizer.from_file(tok_dir + "/tokenizer.json").get_vocab(with_added_tokens=True)
+    names = [None] * (max(got.values()) + 1)
+    for t, i in got.items():
+        names[i] = t
+    return names
+
+
+def test_gguf_vocabulary_is_checked_against_the_tokenizer_at_load(tmp_path):
+    from krea2_model import TokenizerMismatchError
+    good = tmp_path / "good"
+    tiny_gguf.write_text(str(good / "q.gguf"), "gguf", "Q8_0")
+    names = _tiny_vocab(str(good / "tokenizer"))
+    load_text_encoder(str(good / "q.gguf"))  # the file records the tiny tokenizer's vocabulary: fine
+
+    swapped = list(names)
+    a, b = swapped.index("<|im_start|>"), swapped.index("<|im_end|>")
+    swapped[a], swapped[b] = swapped[b], swapped[a]
+    path = str(tmp_path / "swapped" / "q.gguf")
+    tiny_gguf.write_text(path, "gguf", "Q8_0", vocab=swapped)
+    with pytest.raises(TokenizerMismatchError, match=r"special token <\|im_start\|> is id %d .* but %d" % (b, a)) as e:
+        load_text_encoder(path)
+    assert path in str(e.value) and "beside the GGUF" in str(e.value)
+
+    other = list(names)
+    other[100] = "zzz"
+    path = str(tmp_path / "other" / "q.gguf")
+    tiny_gguf.write_text(path, "gguf", "Q8_0", vocab=other)
+    with pytest.raises(TokenizerMismatchError, match="1 of .* id 100: 'zzz' in the file"):
+        load_text_encoder(path)
+
+    path = str(tmp_path / "none" / "q.gguf")  # no vocabulary recorded: only the embedding size is checked
+    tiny_gguf.write_text(path, "gguf", "Q8_0", vocab=False)
+    assert load_text_encoder(path).generate_ids("a cat", max_new=2)
