@@ -244,7 +244,8 @@ def main():
     runs = _common.Runs(a.min_cpu_ratio)
     _common.interleave(cases, a.reps, runs, warmup=0, min_kept=2, max_reps=a.max_reps)
     heads = head_costs(gg)
-    del ours, hf, gg, sd
+    cases.clear()
+    ours = hf = gg = sd = None  # free the towers before the memory processes
     mem_new = a.memory_new or new
     mem = {k: memory(k, a.layers, mem_new, gpath, tok) for k in ("ours", "hf", "gguf")}
 

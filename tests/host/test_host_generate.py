@@ -3,8 +3,6 @@
 sampling with the Krea 2 templates' settings runs and a seed repeats; and our sampler draws exactly the tokens
 core's own sampler draws for the same logits, options and seed."""
 
-import os
-
 import pytest
 
 from tests.host.comfy_host import PACK_DIRNAME
@@ -37,11 +35,11 @@ def test_core_text_generate_from_a_gguf_text_encoder_in_a_graph(gh):  # noqa: F8
     greedy = generated(run(gh, text_graph(TEXT, {"sampling_mode": "off"})))
     want = generated(run(gh, text_graph(TEXT_REF, {"sampling_mode": "off"})))
     assert greedy and greedy == want, (greedy, want)
+    # the templates' sampling; the same seed again after another prompt (so the node runs again, not from cache)
     a = generated(run(gh, text_graph(TEXT, TEMPLATE_SAMPLING)))
-    b = generated(run(gh, text_graph(TEXT, dict(TEMPLATE_SAMPLING, **{"sampling_mode.seed": 11}),
-                                      prompt="a red fox in the snow ")))  # another prompt: not served from cache
-    c = generated(run(gh, text_graph(TEXT, TEMPLATE_SAMPLING, prompt="a red fox in the snow ")))
-    assert a and b == c
+    generated(run(gh, text_graph(TEXT, TEMPLATE_SAMPLING, prompt="a blue bird")))
+    again = generated(run(gh, text_graph(TEXT, TEMPLATE_SAMPLING)))
+    assert a and a == again
 
 
 def test_our_sampler_draws_what_cores_sampler_draws(any_host, tmp_path):

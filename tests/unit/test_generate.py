@@ -17,7 +17,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import gguf  # noqa: F401  (the GGUF reference; a test dependency)
 
 from krea2_model import load_text_encoder
-from krea2_model.errors import ShapeMismatchError
 from krea2_model.formats.gguf import llama_cpp_to_canonical
 from krea2_model.text import generate as G
 from krea2_model.text import images as I
