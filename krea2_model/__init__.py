@@ -8,7 +8,7 @@ serve all of them. This module is the public surface (DESIGN.md).
 
 from . import sampling
 from .errors import (ConditioningError, Krea2Error, Krea2FileError, LoraError, MissingTensorsError, NotKrea2Error,
-                     PickleRefusedError, ShapeMismatchError, TokenizerNotFoundError)
+                     PickleRefusedError, ShapeMismatchError, TokenizerMismatchError, TokenizerNotFoundError)
 from .formats.transformer_file import CanonicalCheckpoint, load_transformer
 from .model.attention import attention, set_attention_backend
 from .model.transformer import Krea2Config, Krea2Transformer
@@ -16,7 +16,8 @@ from .model.transformer import Krea2Config, Krea2Transformer
 __all__ = [
     "sampling", "attention", "set_attention_backend", "CanonicalCheckpoint", "load_transformer", "Krea2Config",
     "Krea2Transformer", "Krea2Error", "Krea2FileError", "ConditioningError", "LoraError", "MissingTensorsError",
-    "NotKrea2Error", "PickleRefusedError", "ShapeMismatchError", "TokenizerNotFoundError", "load_text_encoder",
+    "NotKrea2Error", "PickleRefusedError", "ShapeMismatchError", "TokenizerMismatchError", "TokenizerNotFoundError",
+    "load_text_encoder",
 ]
 
 

@@ -48,6 +48,11 @@ class TokenizerNotFoundError(Krea2Error):
     """No Qwen tokenizer beside the text encoder nor in the host."""
 
 
+class TokenizerMismatchError(Krea2Error):
+    """A tokenizer whose vocabulary disagrees with the one the text encoder was trained with (size, special
+    tokens or token strings, as far as the file records them)."""
+
+
 class LoraError(Krea2Error):
     """A LoRA file that cannot be applied to a Krea 2 model."""
 

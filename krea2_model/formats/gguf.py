@@ -28,7 +28,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..errors import Krea2FileError, NotKrea2Error, QuantFormatError, WrongTextEncoderError, first_names
+from ..errors import (Krea2FileError, NotKrea2Error, QuantFormatError, TokenizerMismatchError, WrongTextEncoderError,
+                      first_names)
 from .gguf_dequant import PLAIN, QTYPE_BY_ID, QType, dequantize, is_quantized
 from .safetensors_io import TensorSource
 
@@ -249,10 +250,31 @@ def canonical_to_llama_cpp(name: str) -> str:
     return name
 
 
+_last_text_file: list = []
+
+
+def _text_file(path) -> GGUFFile:
+    """The parsed text-encoder GGUF at ``path``, reusing the last one parsed when the file is unchanged: parsing
+    llama.cpp's 151936-entry vocabulary takes the reader seconds, and loading reads the file twice (the model, then
+    the vocabulary check of its tokenizer)."""
+    full = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(full)
+        key = (full, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and _last_text_file and _last_text_file[0][0] == key:
+        return _last_text_file[0][1]
+    gf = GGUFFile(path)
+    if key is not None:
+        _last_text_file[:] = [(key, gf)]
+    return gf
+
+
 def open_gguf_text(path) -> GGUFSource:
     """A Qwen3-VL text-model GGUF as a :class:`GGUFSource` under canonical Qwen3 names (``layers.N...``,
     ``embed_tokens.weight``), with ``hf_config`` (eps, rope theta) from the file's metadata."""
-    gf = GGUFFile(path)
+    gf = _text_file(path)
     names = list(gf.tensors)
     arch = gf.arch
     if arch == "krea2" or (arch in (None, "") and _looks_krea(names)):
@@ -276,6 +298,64 @@ def open_gguf_text(path) -> GGUFSource:
     if theta is not None:
         hf["rope_theta"] = float(theta)
     return GGUFSource(gf, mapped, hf)
+
+
+# ---- the vocabulary a text-encoder GGUF records, against the tokenizer used with it ---------------
+
+_vocab_checked: dict = {}
+#: the special tokens Krea 2's prompts and generation use
+_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+
+
+def check_text_vocab(path, tok) -> None:
+    """Check tokenizer ``tok`` (:class:`~krea2_model.text.tokenizer.QwenTokenizer`) against the text-encoder GGUF
+    at ``path``: its ids must fit the embedding's rows, and where the file records llama.cpp's vocabulary
+    (``tokenizer.ggml.tokens``, ``tokenizer.ggml.eos_token_id``) every token string and the special tokens must sit
+    at the same ids. Raises :class:`TokenizerMismatchError` naming both and what differs. Checked once per file
+    and tokenizer (by path, size, modification time and tokenizer source)."""
+    path = os.path.abspath(os.fspath(path))
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns, tok.where)
+    if key in _vocab_checked:
+        return
+    gf = _text_file(path)
+    emb = gf.tensors.get("token_embd.weight")
+    ours = tok.tokens_by_id()
+    tail = (" The tokenizer and the text encoder do not belong together: put the tokenizer files of this model "
+            "(tokenizer.json, or vocab.json + merges.txt + tokenizer_config.json of Qwen3-VL) beside the GGUF, or use "
+            "a Qwen3-VL-4B GGUF with Qwen's vocabulary.")
+    if emb is not None and len(ours) > emb.shape[0]:
+        raise TokenizerMismatchError(f"{path}: the tokenizer ({tok.where}) has {len(ours)} token ids but the "
+                                     f"embedding has {emb.shape[0]} rows.{tail}")
+    names = gf.field("tokenizer.ggml.tokens")
+    if names is None:
+        log.info("Krea 2: %s records no vocabulary (tokenizer.ggml.tokens); only the embedding size was checked "
+                 "against the tokenizer", path)
+        _vocab_checked[key] = True
+        return
+    names = [str(n) for n in names]
+    if len(ours) > len(names):
+        raise TokenizerMismatchError(f"{path}: the file's vocabulary has {len(names)} tokens, the tokenizer "
+                                     f"({tok.where}) {len(ours)}.{tail}")
+    where_in_file = {}
+    for i, n in enumerate(names):
+        where_in_file.setdefault(n, i)
+    for t in _SPECIALS:
+        mine = tok.token_id(t)
+        theirs = where_in_file.get(t)
+        if mine != theirs and (mine is not None or theirs is not None):
+            raise TokenizerMismatchError(f"{path}: special token {t} is id {theirs} in the file's vocabulary but "
+                                         f"{mine} in the tokenizer ({tok.where}).{tail}")
+    eos = gf.field("tokenizer.ggml.eos_token_id")
+    if eos is not None and 0 <= int(eos) < len(names) and tok.token_id(names[int(eos)]) != int(eos):
+        raise TokenizerMismatchError(f"{path}: the file's end-of-sequence token {names[int(eos)]!r} (id {int(eos)}) is "
+                                     f"id {tok.token_id(names[int(eos)])} in the tokenizer ({tok.where}).{tail}")
+    bad = [i for i, t in enumerate(ours) if t is not None and names[i] != t]
+    if bad:
+        shown = ", ".join(f"id {i}: {names[i]!r} in the file, {ours[i]!r} in the tokenizer" for i in bad[:3])
+        raise TokenizerMismatchError(f"{path}: {len(bad)} of {len(ours)} token ids name other tokens in the file's "
+                                     f"vocabulary than in the tokenizer ({tok.where}): {shown}.{tail}")
+    _vocab_checked[key] = True
 
 
 # ---- placing tensors into a model built on the meta device -----------------------------------------

@@ -126,7 +126,8 @@ class Qwen3Attention(nn.Module):
         """``x (B, L, C)``, ``rope`` = ``(cos, sin)`` from :func:`rope_tables` -> ``(B, L, C)``.
 
         ``past``: ``(k, v)`` ``(B, Hkv, P, D)`` of ``P`` earlier tokens (after norm and RoPE) that ``x``'s
-        tokens also attend to; ``keep``: a list this layer's own ``(k, v)`` is appended to."""
+        tokens also attend to, or a :class:`KVSlot` of a preallocated cache (batch 1) that this call's keys and
+        values are written into; ``keep``: a list this layer's own ``(k, v)`` is appended to."""
         b, l, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, l, self.heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, l, self.kv_heads, self.head_dim)).transpose(1, 2)
@@ -136,6 +137,17 @@ class Qwen3Attention(nn.Module):
         k = apply_rope_half(k, cos, sin)
         if keep is not None:
             keep.append((k, v))
+        if isinstance(past, KVSlot):  # a preallocated cache (generation): written in place, never re-copied
+            start = past.start
+            k_all, v_all = past.put(k, v)
+            if start == 0:
+                out = attention(q.contiguous(), k, v, None, is_causal=True)
+            elif l == 1:  # the new token sees every cached token and itself: no mask
+                out = attention(q.contiguous(), k_all, v_all, None)
+            else:
+                allowed = torch.ones(l, start + l, dtype=torch.bool, device=x.device).tril_(start)
+                out = attention(q.contiguous(), k_all, v_all, allowed.view(1, 1, l, start + l))
+            return self.o_proj(out)
         if past is None:
             out = attention(q.contiguous(), k.contiguous(), v.contiguous(), None, is_causal=True)
         else:  # query i sits at position P + i: it sees every earlier token and itself
@@ -144,6 +156,58 @@ class Qwen3Attention(nn.Module):
             allowed = torch.ones(l, p + l, dtype=torch.bool, device=x.device).tril_(p).view(1, 1, l, p + l)
             out = attention(q.contiguous(), k.contiguous(), v.contiguous(), allowed)
         return self.o_proj(out)
+
+
+class KVSlot:
+    """One layer's view of a :class:`KVCache`: ``put(k, v)`` writes ``(1, Hkv, l, D)`` keys and values at
+    positions ``start..start+l-1`` and returns views of all ``start + l`` cached positions."""
+
+    __slots__ = ("cache", "layer", "start")
+
+    def __init__(self, cache: "KVCache", layer: int, start: int):
+        self.cache, self.layer, self.start = cache, layer, start
+
+    def put(self, k: torch.Tensor, v: torch.Tensor):
+        end = self.start + k.shape[2]
+        kb, vb = self.cache.k[self.layer], self.cache.v[self.layer]
+        kb[:, :, self.start:end].copy_(k)
+        vb[:, :, self.start:end].copy_(v)
+        return kb[:, :, :end], vb[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for one generation call, in buffers ``(1, Hkv, capacity, D)`` allocated
+    once and filled in place (``length`` positions valid). :meth:`reserve` doubles the capacity when a call
+    outgrows it, so the copying stays linear in the final length (concatenating per token is quadratic)."""
+
+    def __init__(self, cfg: Qwen3TextConfig, capacity: int, dtype, device, layers: int | None = None):
+        n = cfg.layers if layers is None else layers
+        shape = (1, cfg.kv_heads, max(1, int(capacity)), cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more positions (capacity at least doubled when it must grow)."""
+        need = self.length + extra
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                grown = t.new_empty(t.shape[0], t.shape[1], cap, t.shape[3])
+                grown[:, :, :self.length].copy_(t[:, :, :self.length])
+                buf[i] = grown
+
+    def slot(self, layer: int) -> KVSlot:
+        return KVSlot(self, layer, self.length)
 
 
 class Qwen3MLP(nn.Module):

@@ -62,6 +62,14 @@ class QwenTokenizer:
         i = self.backend.token_to_id(token)
         return None if i is None else int(i)
 
+    def tokens_by_id(self) -> list:
+        """Every token string at its id (added tokens included; ``None`` where an id has no token)."""
+        vocab = self.backend.get_vocab() if self._hf else self.backend.get_vocab(with_added_tokens=True)
+        out = [None] * (max(vocab.values()) + 1 if vocab else 0)
+        for t, i in vocab.items():
+            out[int(i)] = t
+        return out
+
     def is_qwen_chat(self) -> bool:
         """Whether ``<|im_start|>`` and ``<|im_end|>`` are single special tokens."""
         ids = [self.token_id(IM_START), self.token_id(IM_END)]
@@ -204,7 +212,18 @@ def find_tokenizer(source=None, tokenizer=None) -> QwenTokenizer:
     ``tokenizer`` given: that. Else files beside the checkpoint (its folder, ``tokenizer/`` in it, or for
     an HF folder its parent's ``tokenizer/``), then the host's ``qwen25_tokenizer``. A candidate that is
     not a Qwen chat tokenizer (no ``<|im_start|>`` special token) is skipped.
-    Raises :class:`TokenizerNotFoundError` listing every place looked."""
+    Raises :class:`TokenizerNotFoundError` listing every place looked. For a GGUF ``source`` the tokenizer is
+    then checked against the vocabulary the file records (:func:`krea2_model.formats.gguf.check_text_vocab`;
+    :class:`~krea2_model.errors.TokenizerMismatchError` when they disagree)."""
+    tok = _find_tokenizer(source, tokenizer)
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+        from ..formats.gguf import check_text_vocab, is_gguf
+        if is_gguf(source):
+            check_text_vocab(source, tok)
+    return tok
+
+
+def _find_tokenizer(source=None, tokenizer=None) -> QwenTokenizer:
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
         if not tok.is_qwen_chat():

@@ -118,7 +118,9 @@ def write_gguf(tensors: dict, path: str, arch: str | None, qtype="Q8_0", fallbac
         for kv in w.kv_data:
             kv.pop(gguf.Keys.General.ARCHITECTURE, None)
     for k, v in (metadata or {}).items():
-        if isinstance(v, float):
+        if isinstance(v, (list, tuple)):
+            w.add_array(k, list(v))
+        elif isinstance(v, float):
             w.add_float32(k, v)
         elif isinstance(v, int):
             w.add_uint32(k, v)
@@ -146,21 +148,36 @@ def write_transformer(path: str, config: str = "gguf", qtype="Q8_0", seed: int =
 
 
 def write_text(path: str, config: str = "gguf", qtype="Q8_0", seed: int = 0, arch: str | None = "qwen3vl",
-               fallback: str = "F32", tokenizer: bool = True) -> dict:
+               fallback: str = "F32", tokenizer: bool = True, vocab=True) -> dict:
     """A tiny Qwen3-VL text-model GGUF under llama.cpp's names, with eps / rope theta in its metadata and (when
-    ``tokenizer``) the tiny tokenizer in ``tokenizer/`` beside it."""
+    ``tokenizer``) the tiny tokenizer in ``tokenizer/`` beside it. ``vocab``: the token strings recorded in the file
+    as llama.cpp does (``tokenizer.ggml.tokens``, padded to the embedding's rows with ``[PADn]``, and
+    ``tokenizer.ggml.eos_token_id`` = ``<|im_end|>``): True for the tiny tokenizer's, a list for those, False for
+    none."""
     cfg = TEXT_CONFIGS[config]
     sd = tiny_text.random_state_dict(cfg, seed)
     tensors = {canonical_to_llama_cpp(k): v for k, v in sd.items()}
     a = arch or "qwen3vl"
     meta = {f"{a}.attention.layer_norm_rms_epsilon": float(cfg.eps), f"{a}.rope.freq_base": float(cfg.rope_theta),
             f"{a}.block_count": int(cfg.layers), f"{a}.embedding_length": int(cfg.hidden)}
-    used = write_gguf(tensors, path, arch, qtype, fallback, seed, meta)
-    if tokenizer:
-        tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
-        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-            tiny_text.build_tokenizer(tok_dir)
-    return used
+    tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    if (tokenizer or vocab is True) and not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        tiny_text.build_tokenizer(tok_dir)
+    if vocab is True:
+        from tokenizers import Tokenizer
+        tk = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+        got = tk.get_vocab(with_added_tokens=True)
+        vocab = [None] * cfg.vocab
+        for t, i in got.items():
+            vocab[i] = t
+    if vocab:
+        names = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(vocab)]
+        names += [f"[PAD{i}]" for i in range(len(names), cfg.vocab)]
+        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.tokens"] = names
+        if "<|im_end|>" in names:
+            meta["tokenizer.ggml.eos_token_id"] = names.index("<|im_end|>")
+    return write_gguf(tensors, path, arch, qtype, fallback, seed, meta)
 
 
 def main(argv=None) -> None:

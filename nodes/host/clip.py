@@ -22,7 +22,9 @@ import comfy.utils
 
 from ...krea2_model.errors import Krea2Error, first_names
 from ...krea2_model.formats.text_file import TextCheckpoint
+from ...krea2_model.formats.gguf_dequant import dequantize
 from ...krea2_model.text.encoder import Krea2TextEncoder, image_token_counts
+from ...krea2_model.text.generate import FIRST_CAPACITY, cache_bytes, output_head
 from ...krea2_model.text.images import MAX_IMAGES, prepare, reference_pixels
 from ...krea2_model.text.tokenizer import IMAGE_PAD
 from ...krea2_model.text.vision import Qwen3VisionConfig, Qwen3VisionModel
@@ -83,19 +85,66 @@ class Krea2ClipModel(torch.nn.Module):
         n = len(t.get("ids", [])) or 512
         patches = sum(int(x.shape[0]) for x, _, _ in t.get("images", []))
         vision = patches * self.visual.config.hidden * 64 if self.visual is not None else 0
-        return n * self.transformer.config.hidden * 64 + vision
+        extra = 0
+        if (t.get("generate") or {}).get("requested"):  # TextGenerate: the per-call head copy and the KV cache
+            dtype = self.generation_dtype(device)
+            extra = (self.head_copy_bytes(dtype) +
+                     cache_bytes(self.transformer, n + FIRST_CAPACITY, dtype))
+        return n * self.transformer.config.hidden * 64 + vision + extra
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the tower's weights are kept in (for GGUF blocks: the host's dtype for the other tensors)."""
+        w = self.transformer.embed_tokens.weight
+        return w.dtype if w.dtype.is_floating_point else next(iter(self.dtypes))
+
+    def generation_dtype(self, device) -> torch.dtype:
+        """The compute dtype of generation on ``device``, from the storage, as ComfyUI's own LLM generate picks it:
+        float32 storage stays float32; bf16 storage computes in bf16 where the device supports it; fp16, fp8 and
+        GGUF storage compute in bf16 where supported (ComfyUI never generates in fp16), else float32 (the CPU)."""
+        storage = self.storage_dtype()
+        if storage == torch.float32 or device is None:
+            return torch.float32
+        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+
+    def head_copy_bytes(self, dtype) -> int:
+        """Bytes of the output head's per-call copy in ``dtype`` (0 when the stored table is used as it is)."""
+        emb = self.transformer.embed_tokens
+        if getattr(emb, "gguf_qtype", None) is None and emb.weight.dtype == dtype and not getattr(
+                emb, "weight_function", None):
+            return 0
+        cfg = self.transformer.config
+        return cfg.vocab * cfg.hidden * torch.empty((), dtype=dtype).element_size()
+
+    def output_head(self, dtype, device) -> torch.Tensor:
+        """The tied output head in ``dtype`` on ``device`` for one generation call, through the host's cast path
+        (weight patches applied), made once per call: a GGUF table is dequantized once, a stored table already in
+        ``dtype`` is used as it is."""
+        emb = self.transformer.embed_tokens
+        if getattr(emb, "gguf_qtype", None) is not None:
+            w = dequantize(emb.weight.to(device), emb.gguf_qtype, emb.gguf_shape, dtype)
+            for f in getattr(emb, "weight_function", ()):
+                w = f(w)
+            return w
+        if getattr(emb, "comfy_cast_weights", False) or getattr(emb, "weight_function", None):
+            w, _ = comfy.ops.cast_bias_weight(emb, torch.empty(0, dtype=dtype, device=device), dtype=dtype,
+                                              device=device)
+            return w
+        return output_head(self.transformer, dtype, device)
 
     def generate(self, tokens, do_sample=True, max_length=256, temperature=1.0, top_k=50, top_p=0.95, min_p=0.0,
                  repetition_penalty=1.0, seed=None, presence_penalty=0.0):
-        """ComfyUI's ``CLIP.generate`` (TextGenerate): new token ids for the prompt stored by the tokenizer."""
+        """ComfyUI's ``CLIP.generate`` (TextGenerate): new token ids for the prompt stored by the tokenizer, computed
+        in :meth:`generation_dtype`, one progress step per token (the host's interrupt stops it)."""
         t = tokens[KEY]
         g = t["generate"]
-        dev = self.execution_device or next(self.transformer.parameters()).device
+        dev = torch.device(self.execution_device or next(self.transformer.parameters()).device)
+        dtype = self.generation_dtype(dev)
+        pbar = comfy.utils.ProgressBar(max_length)
         return self.encoder(g["tokenizer"]).generate_ids(
             g["text"], list(g["images"]), thinking=g["thinking"], template=g["template"], max_new=max_length,
-            device=dev, dtype=torch.float32, do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty, seed=seed)
+            device=dev, dtype=dtype, head=self.output_head(dtype, dev), progress=lambda n: pbar.update(1),
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, seed=seed)
 
     def encode_token_weights(self, tokens):
         t = tokens[KEY]
@@ -158,8 +207,11 @@ class Krea2ClipTokenizer:
     def _generation_entry(self, text, images, llama_template, kwargs) -> dict:
         thinking = bool(kwargs.get("thinking", False))
         template = "{}" if kwargs.get("skip_template") or text.startswith("<|im_start|>") else llama_template
+        # TextGenerate tokenizes with its generation options (thinking, skip_template): then the memory estimate
+        # counts what generation needs on top of encoding
+        requested = "thinking" in kwargs or "skip_template" in kwargs
         return {"generate": {"text": text, "images": images, "thinking": thinking, "template": template,
-                             "tokenizer": self.tok}}
+                             "tokenizer": self.tok, "requested": requested}}
 
     def _image_prompt(self, text, images, llama_template, max_tokens) -> dict:
         """The conditioning layout of a prompt with images: Krea 2's template with ``Picture N:`` labels, or the

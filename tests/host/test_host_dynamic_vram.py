@@ -165,7 +165,7 @@ def test_our_model_on_native_file_matches_native_under_the_emulation(dv):
     assert _max_diff(ours["latent"], native["latent"]) <= 1e-5
 
 
-GENERATES = ("full_vl", "text_only", "hf_folder", "fp8_scaled")
+GENERATES = ("full_vl", "text_only", "hf_folder", "fp8_scaled", "gguf")
 
 
 @pytest.mark.parametrize("case", ["full_vl", "text_only", "hf_folder", "fp8_scaled", "gguf"])
