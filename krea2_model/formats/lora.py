@@ -33,6 +33,8 @@ from .lora_styles import (LOWRANK_ROLES, Names, bare, first_param, group_keys, m
                           refuse_foreign, refuse_full_checkpoint, resolve_module)
 from .safetensors_io import open_source
 
+__all__ = ["KINDS", "LoraPatch", "apply", "delta", "merge_into", "names_for", "parse_lora", "to_comfy_patches"]
+
 KINDS = ("lora", "lokr", "loha", "diff")
 
 
@@ -264,10 +266,6 @@ def parse_lora(source, cfg: Krea2Config, *, metadata: dict | None = None) -> tup
     for p in patches:
         _check_shape(p, names, where)
     return patches, unmapped
-
-
-__all__ = ["KINDS", "LoraPatch", "apply", "delta", "merge_into", "names_for", "parse_lora",
-           "to_comfy_patches"]
 
 
 @dataclass(frozen=True)
