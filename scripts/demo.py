@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "host"))
 
 from comfy_host import ComfyHost, find_host  # noqa: E402
-from tests.host.assets import make_assets  # noqa: E402
+from krea2_model.tiny.host_assets import make_assets  # noqa: E402
 
 
 def main():

@@ -8,27 +8,8 @@ and every patch names one canonical parameter (the module names of
 :class:`~krea2_model.model.transformer.Krea2Transformer`, e.g. ``blocks.0.attn.wq.weight``). Every key of
 the file is either used by a patch or returned in ``unmapped``; nothing is dropped silently.
 
-Key styles recognised (any mix of them in one file):
-
-* Krea reference: ``blocks.0.attn.wq.lora_A`` / ``.lora_B`` (no ``.weight``), rank / alpha / scale in the
-  safetensors ``__metadata__`` (``lora_rank`` or ``rank``, ``lora_alpha`` or ``alpha``, ``scale``);
-* native names under ``diffusion_model.`` / ``model.diffusion_model.`` / ``base_model.model.`` (ComfyUI,
-  ai-toolkit), with ``lora_A.weight`` / ``lora_B.weight`` or ``lora_down.weight`` / ``lora_up.weight`` + ``.alpha``;
-* diffusers / PEFT names (``transformer_blocks.0.attn.to_q``, ``final_layer.linear``...) bare or under
-  ``transformer.`` / ``base_model.model.``, including ``.lora_A.default.weight``, diffusers'
-  ``lora_adapter_metadata`` json (``r`` / ``lora_alpha`` / ``alpha_pattern``) and ``attn.to_out`` without ``.0``;
-* kohya / musubi / SimpleTuner flattened names: ``lora_unet_blocks_0_attn_wq``,
-  ``lora_unet_transformer_blocks_0_attn_to_q``, ``lycoris_...`` (matched against the model's module names,
-  never split on ``_``), with ``ss_network_alpha`` as the file-wide alpha;
-* LyCORIS: LoRA / LoCon (``lora_mid`` as a 2-D middle factor), LoKr (``lokr_w1`` or ``lokr_w1_a/b``,
-  ``lokr_w2`` or ``lokr_w2_a/b``), LoHa (``hada_w1_a/b``, ``hada_w2_a/b``), DoRA (``dora_scale``; PEFT's
-  ``lora_magnitude_vector``), fused ``attn.qkv`` / ``attn.wqkv`` / ``attn.to_qkv`` split into wq / wk / wv
-  by the head layout (rows: q = heads*head_dim, then k and v = kv_heads*head_dim each; the down factor is
-  shared);
-* full-size deltas: ``X.diff`` / ``X.diff_b`` / ``X.w_norm`` / ``X.b_norm`` (ComfyUI: ``X`` a module, or a
-  whole non-``.weight`` key as in ``diffusion_model.blocks.0.prenorm.scale.diff``), and a plain parameter name
-  in a LoRA file (``diffusion_model.blocks.0.prenorm.scale``, diffusers ``transformer_blocks.0.scale_shift_table``
-  (6, F) for ``blocks.0.mod.lin`` (6F,), ``final_layer.scale_shift_table`` for ``last.modulation.lin``).
+Key styles recognised (any mix of them in one file): one row each in :data:`.lora_styles.STYLES`, listed
+in that module.
 
 A full checkpoint offered as a LoRA (plain weights only, covering most of the model) is refused rather than
 added onto the weights.
@@ -41,9 +22,6 @@ and ComfyUI). ``diff`` deltas are literal (neither alpha nor scale applies).
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import math
 from dataclasses import dataclass, field
 
@@ -51,10 +29,11 @@ import torch
 
 from ..errors import LoraError, first_names
 from ..model.transformer import Krea2Config
+from .lora_styles import (LOWRANK_ROLES, Names, bare, first_param, group_keys, metadata_defaults, names_for,
+                          refuse_foreign, refuse_full_checkpoint, resolve_module)
 from .safetensors_io import open_source
-from .transformer_file import canonical_to_diffusers, expected_shapes
 
-log = logging.getLogger("krea2")
+__all__ = ["KINDS", "LoraPatch", "apply", "delta", "merge_into", "names_for", "parse_lora", "to_comfy_patches"]
 
 KINDS = ("lora", "lokr", "loha", "diff")
 
@@ -248,186 +227,9 @@ def to_comfy_patches(patches, key_prefix: str = "diffusion_model.", *, adapters=
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Names
-
-_DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.",
-                    "model.")
-_FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
-_FUSED_SUFFIXES = ("qkv", "wqkv", "to_qkv")
-
-
-@dataclass
-class _Names:
-    shapes: dict          # canonical param -> shape
-    params: dict          # alias param key -> canonical param key
-    modules: dict         # alias module name (dotted or flattened) -> canonical module
-    main: dict            # canonical module -> its main parameter (weight, else scale, else lin)
-    fused: dict           # alias of a fused qkv module -> canonical attention prefix ("blocks.0.attn")
-
-
-@functools.lru_cache(maxsize=8)
-def names_for(cfg: Krea2Config) -> _Names:
-    """Every name a LoRA may use for each canonical parameter / module of a model of size ``cfg``."""
-    shapes = expected_shapes(cfg)
-    params, modules, main, fused = {}, {}, {}, {}
-
-    def add_module(alias, canon):
-        for a in (alias, alias.replace(".", "_")):
-            prev = modules.setdefault(a, canon)
-            assert prev == canon, (a, prev, canon)
-
-    for k in shapes:
-        mod, _, pname = k.rpartition(".")
-        d = canonical_to_diffusers(k)
-        params[k] = k
-        params[d] = k
-        if pname in ("weight", "scale", "lin"):  # a module here has exactly one of them
-            main[mod] = k
-            add_module(mod, mod)
-        if d.endswith(".weight") and pname in ("weight", "scale"):
-            dmod = d[: -len(".weight")]
-            add_module(dmod, mod)
-            if dmod.endswith(".to_out.0"):
-                add_module(dmod[:-2], mod)
-                params[dmod[:-2] + ".weight"] = k
-        if k.endswith(".attn.wq.weight"):
-            prefix = k[: -len(".wq.weight")]
-            dprefix = d[: -len(".to_q.weight")]
-            for p in {prefix, dprefix}:
-                for s in _FUSED_SUFFIXES:
-                    for a in (f"{p}.{s}", f"{p}.{s}".replace(".", "_")):
-                        fused[a] = prefix
-    return _Names(shapes, params, modules, main, fused)
-
-
-def _candidates(name: str):
-    """``name`` and every form of it with known prefixes removed (dotted and flattened)."""
-    seen, todo = [], [name]
-    while todo:
-        n = todo.pop(0)
-        if n in seen:
-            continue
-        seen.append(n)
-        for p in _DOTTED_PREFIXES + _FLAT_PREFIXES:
-            if n.startswith(p):
-                todo.append(n[len(p):])
-    return seen
-
-
-# role suffixes: (suffix including its separator, role); longest first so '.lora_A.weight' beats '.lora_A'
-_ROLE_SUFFIXES = sorted([
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_A", "down"), (".lora_B", "up"),
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-    (".alpha", "alpha"), (".dora_scale", "dora"),
-    (".lora_magnitude_vector", "dora"), (".lora_magnitude_vector.weight", "dora"),
-    (".lora_magnitude_vector.default", "dora"), (".lora_magnitude_vector.default.weight", "dora"),
-    (".lokr_w1", "w1"), (".lokr_w2", "w2"), (".lokr_w1_a", "w1_a"), (".lokr_w1_b", "w1_b"),
-    (".lokr_w2_a", "w2_a"), (".lokr_w2_b", "w2_b"), (".lokr_t2", "lokr_t2"),
-    (".hada_w1_a", "h1_a"), (".hada_w1_b", "h1_b"), (".hada_w2_a", "h2_a"), (".hada_w2_b", "h2_b"),
-    (".hada_t1", "hada_t"), (".hada_t2", "hada_t"),
-    (".diff", "diff"), (".diff_b", "diff_b"), (".w_norm", "w_norm"), (".b_norm", "b_norm"),
-], key=lambda s: -len(s[0]))
-
-_LOWRANK_ROLES = {"down", "up", "mid", "w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "h1_a", "h1_b", "h2_a", "h2_b"}
-
-# What other architectures' LoRA keys look like (checked on the keys that did not map)
-_FOREIGN = [
-    (("img_mod", "txt_mod", "img_mlp", "txt_mlp"), "a Qwen-Image LoRA"),
-    (("double_blocks", "single_blocks", "single_transformer_blocks", "ff_context", "norm1_context",
-      "txt_attn", "img_attn"), "a Flux-family (Flux, Chroma, HunyuanVideo) LoRA"),
-    (("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-     "a two-stream MMDiT LoRA (Flux, Qwen-Image or SD3 family)"),
-    (("input_blocks", "output_blocks", "middle_block", "down_blocks", "up_blocks", "mid_block"),
-     "a Stable Diffusion 1.x / 2.x / XL (UNet) LoRA"),
-    (("joint_blocks", "context_block", "x_block"), "an SD3 LoRA"),
-    (("self_attn.q", "self_attn_q", "cross_attn", "ffn.0", "ffn_0"), "a Wan video LoRA"),
-    (("attention.qkv", "attention_qkv", "adaLN_modulation", "feed_forward.w1", "feed_forward_w1"),
-     "a Lumina 2 / Z-Image LoRA"),
-]
-_TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoders.",
-                 "text_encoder_2.", "te.", "lora_te.")
-
-
-def _looks_like(keys) -> str | None:
-    for marks, what in _FOREIGN:
-        if any(m in k for k in keys for m in marks):
-            return what
-    return None
-
-
-def _is_text_encoder(k: str) -> bool:
-    return any(k.startswith(p) or ("." + p) in k for p in _TEXT_ENCODER)
-
-
-def _num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _meta_number(meta: dict, keys, where: str):
-    """The first of ``keys`` present in ``meta`` as a float; a present value that is not a number is warned
-    about by name (it would otherwise turn into "no alpha" and the strength would be off by alpha / rank)."""
-    for k in keys:
-        if k in meta:
-            v = _num(meta[k])
-            if v is None:
-                log.warning("Krea 2: %s: LoRA metadata '%s' = %r is not a number; ignored (the LoRA is applied as "
-                            "if the file gave no %s).", where, k, meta[k], k)
-                continue
-            return v
-    return None
-
-
-def _adapter_config(raw, where: str) -> dict:
-    """diffusers' ``lora_adapter_metadata`` JSON as a dict; malformed JSON is warned about by name."""
-    try:
-        cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except (ValueError, TypeError) as e:
-        log.warning("Krea 2: %s: LoRA metadata 'lora_adapter_metadata' is not valid JSON (%s); its rank and alpha "
-                    "are ignored, so the strength may be off by alpha / rank. Re-save the LoRA.", where, e)
-        return {}
-    if not isinstance(cfg, dict):
-        log.warning("Krea 2: %s: LoRA metadata 'lora_adapter_metadata' holds %s, not a JSON object; ignored.",
-                    where, type(cfg).__name__)
-        return {}
-    return cfg
-
-
-def _metadata_defaults(meta: dict, where: str = "LoRA") -> tuple[float | None, float, dict]:
-    """(file-wide alpha or None, scale, {module-name suffix: alpha}) from safetensors metadata. Alpha absent
-    means alpha = rank of each module, so a file-wide rank alone changes nothing and is not read."""
-    meta = meta or {}
-    alpha = _meta_number(meta, ("lora_alpha", "alpha", "network_alpha", "ss_network_alpha"), where)
-    scale = _meta_number(meta, ("scale",), where)
-    pattern = {}
-    raw = meta.get("lora_adapter_metadata")
-    cfg = _adapter_config(raw, where) if raw else {}
-    for k, v in cfg.items():
-        base = k.rsplit(".", 1)[-1]
-        if base == "lora_alpha" and alpha is None:
-            alpha = _meta_number({f"lora_adapter_metadata.{k}": v}, (f"lora_adapter_metadata.{k}",), where)
-        elif base == "alpha_pattern" and isinstance(v, dict):
-            for pk, pv in v.items():
-                got = _meta_number({f"alpha_pattern.{pk}": pv}, (f"alpha_pattern.{pk}",), where)
-                if got is not None:
-                    pattern[pk] = got
-    return alpha, (1.0 if scale is None else scale), pattern
-
-
-def _bare(name: str) -> str:
-    c = _candidates(name)
-    return c[-1]
-
 
 # ---------------------------------------------------------------------------------------------------------
-# Parsing
+# Parsing: the key styles (lora_styles.py) name each key's module and role; here the roles become patches
 
 def parse_lora(source, cfg: Krea2Config, *, metadata: dict | None = None) -> tuple[list[LoraPatch], list[str]]:
     """Read a LoRA of any supported style (module docstring) for a model of size ``cfg``.
@@ -444,149 +246,117 @@ def parse_lora(source, cfg: Krea2Config, *, metadata: dict | None = None) -> tup
     where = src.where
     meta = dict(src.metadata) if metadata is None else dict(metadata)
     names = names_for(cfg)
-    groups, plain = _group_keys(src.keys())
+    groups, plain = group_keys(src.keys())
     if not groups:
-        _refuse_full_checkpoint(plain, names, where)
-    ctx = _Parse(src, names, cfg, where, *_metadata_defaults(meta, where))
+        refuse_full_checkpoint(plain, names, where)
+    f = _File(src, names, cfg, where, *metadata_defaults(meta, where))
+    patches, unmapped = [], []
     for k in plain:
-        target = _first_param(k, names)
+        target = first_param(k, names)
         if target is None:
-            ctx.unmapped.append(k)
+            unmapped.append(k)
         else:
-            ctx.patches.append(LoraPatch(target, "diff", {"diff": _diff_tensor(src[k], target, names)}, sources=(k,)))
+            patches.append(LoraPatch(target, "diff", {"diff": _diff_tensor(src[k], target, names)}, sources=(k,)))
     for x, parts in groups.items():
-        ctx.module(x, parts)
-    _check_foreign(ctx.patches, ctx.unmapped, where, src)
-    _check_duplicates(ctx.patches, where)
-    for p in ctx.patches:
+        got, left = _module_patches(f, x, parts)
+        patches += got
+        unmapped += left
+    refuse_foreign(patches, unmapped, where, src)
+    _check_duplicates(patches, where)
+    for p in patches:
         _check_shape(p, names, where)
-    return ctx.patches, ctx.unmapped
+    return patches, unmapped
 
 
-def _group_keys(keys) -> tuple[dict, list]:
-    """``({module name: {role: key}}, plain keys)``: keys ending in a factor / alpha / delta suffix grouped by
-    the module they belong to; the rest (whole parameters) listed apart."""
-    groups: dict[str, dict[str, str]] = {}
-    plain: list[str] = []
-    for k in keys:
-        for suf, role in _ROLE_SUFFIXES:
-            if k.endswith(suf) and len(k) > len(suf):
-                groups.setdefault(k[: -len(suf)], {})[role] = k
-                break
-        else:
-            plain.append(k)
-    return groups, plain
-
-
-def _refuse_full_checkpoint(plain, names, where):
-    covered = {t for k in plain for t in [_first_param(k, names)] if t is not None}
-    if len(covered) > len(names.shapes) // 2:
-        raise LoraError(f"{where}: this is a full Krea 2 checkpoint ({len(covered)} of the model's "
-                        f"{len(names.shapes)} tensors, no LoRA factors), not a LoRA. Load it with "
-                        "Krea2ModelLoader; merging it as a LoRA would add every weight to itself.")
-
-
-@dataclass
-class _Parse:
-    """One parse in progress: the file, the model's names, the file-wide defaults, and what came out."""
+@dataclass(frozen=True)
+class _File:
+    """The LoRA being parsed: its tensors, the model's names and size, and the file-wide defaults."""
     src: object
-    names: "_Names"
+    names: Names
     cfg: Krea2Config
     where: str
     file_alpha: float | None
     file_scale: float
     alpha_pattern: dict
-    patches: list = field(default_factory=list)
-    unmapped: list = field(default_factory=list)
 
-    def resolve_module(self, name):
-        for c in _candidates(name):
-            if c in self.names.modules:
-                return "module", self.names.modules[c]
-            if c in self.names.fused:
-                return "fused", self.names.fused[c]
-        return None
 
-    def module(self, x: str, parts: dict) -> None:
-        """Every patch the keys of module ``x`` (``{role: key}``) make; keys no patch uses go to ``unmapped``."""
-        res = self.resolve_module(x)
-        param_target = _first_param(x, self.names) if res is None else None
-        if res is None and param_target is None:
-            self.unmapped.extend(parts.values())
-            return
-        used = self.full_deltas(parts, res, param_target) | self.bias_deltas(parts, res)
-        lowrank = {r for r in parts if r in _LOWRANK_ROLES}
-        if lowrank:
-            used |= lowrank
-            if res is None:
-                # low-rank factors on a non-module name (e.g. 'blocks.0.prenorm.scale.lora_A'): nothing to patch
-                self.unmapped.extend(parts[r] for r in lowrank)
-            else:
-                used |= self.low_rank(x, parts, lowrank, res)
-        self.unmapped.extend(v for r, v in parts.items() if r not in used)
+def _module_patches(f: _File, x: str, parts: dict) -> tuple[list, list]:
+    """``(patches, unmapped keys)`` from the keys of module name ``x`` (``{role: key}``)."""
+    res = resolve_module(x, f.names)
+    param_target = first_param(x, f.names) if res is None else None
+    if res is None and param_target is None:
+        return [], list(parts.values())
+    patches, unmapped, used = [], [], set()
+    used |= _full_deltas(f, parts, res, param_target, patches)
+    used |= _bias_deltas(f, parts, res, patches)
+    lowrank = {r for r in parts if r in LOWRANK_ROLES}
+    if lowrank:
+        used |= lowrank
+        if res is None:
+            # low-rank factors on a non-module name (e.g. 'blocks.0.prenorm.scale.lora_A'): nothing to patch
+            unmapped.extend(parts[r] for r in lowrank)
+        else:
+            used |= _low_rank(f, x, parts, lowrank, res, patches)
+    unmapped.extend(v for r, v in parts.items() if r not in used)
+    return patches, unmapped
 
-    def full_deltas(self, parts, res, param_target) -> set:
-        used = set()
-        for role in ("diff", "w_norm"):
-            if role not in parts:
-                continue
-            if res is not None and res[0] == "fused":
-                self.patches.extend(_split_fused_diff(self.src[parts[role]], res[1], parts[role], self.where, self.cfg))
-                used.add(role)
-                continue
-            tgt = param_target or (self.names.main.get(res[1]) if res[0] == "module" else None)
-            if tgt is None:
-                continue
-            self.patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(self.src[parts[role]], tgt, self.names)},
-                                          sources=(parts[role],)))
+
+def _full_deltas(f: _File, parts, res, param_target, patches) -> set:
+    used = set()
+    for role in ("diff", "w_norm"):
+        if role not in parts:
+            continue
+        if res is not None and res[0] == "fused":
+            patches.extend(_split_fused_diff(f.src[parts[role]], res[1], parts[role], f.where, f.cfg))
             used.add(role)
+            continue
+        tgt = param_target or (f.names.main.get(res[1]) if res[0] == "module" else None)
+        if tgt is None:
+            continue
+        patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(f.src[parts[role]], tgt, f.names)},
+                                 sources=(parts[role],)))
+        used.add(role)
+    return used
+
+
+def _bias_deltas(f: _File, parts, res, patches) -> set:
+    used = set()
+    for role in ("diff_b", "b_norm"):
+        if role in parts and res is not None and res[0] == "module":
+            tgt = res[1] + ".bias"
+            if tgt not in f.names.shapes:
+                raise LoraError(f"{f.where}: LoRA key '{parts[role]}' is a bias delta for '{res[1]}', which "
+                                "has no bias in Krea 2. The LoRA was made for another model.")
+            patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(f.src[parts[role]], tgt, f.names)},
+                                     sources=(parts[role],)))
+            used.add(role)
+    return used
+
+
+def _low_rank(f: _File, x, parts, lowrank, res, patches) -> set:
+    used = set()
+    alpha = dora = None
+    if "alpha" in parts:
+        alpha = float(f.src[parts["alpha"]].float().item())
+        used.add("alpha")
+    if "dora" in parts:
+        dora = f.src[parts["dora"]]
+        used.add("dora")
+    p = _lowrank_patch(x, parts, lowrank, f.src, alpha, f.file_scale, dora, f.where)
+    if p.kind == "lora" and alpha is None:
+        # file-wide alphas (metadata) are a LoRA convention; LyCORIS writes one per module
+        b = bare(x)
+        p.alpha = next((v for pk, v in f.alpha_pattern.items() if b.endswith(pk)), f.file_alpha)
+    if res[0] == "fused":
+        patches.extend(_split_fused(p, res[1], f.cfg, f.where, x))
         return used
-
-    def bias_deltas(self, parts, res) -> set:
-        used = set()
-        for role in ("diff_b", "b_norm"):
-            if role in parts and res is not None and res[0] == "module":
-                tgt = res[1] + ".bias"
-                if tgt not in self.names.shapes:
-                    raise LoraError(f"{self.where}: LoRA key '{parts[role]}' is a bias delta for '{res[1]}', which "
-                                    "has no bias in Krea 2. The LoRA was made for another model.")
-                self.patches.append(LoraPatch(tgt, "diff", {"diff": _diff_tensor(self.src[parts[role]], tgt,
-                                                                                  self.names)},
-                                              sources=(parts[role],)))
-                used.add(role)
-        return used
-
-    def low_rank(self, x, parts, lowrank, res) -> set:
-        used = set()
-        alpha = dora = None
-        if "alpha" in parts:
-            alpha = float(self.src[parts["alpha"]].float().item())
-            used.add("alpha")
-        if "dora" in parts:
-            dora = self.src[parts["dora"]]
-            used.add("dora")
-        p = _lowrank_patch(x, parts, lowrank, self.src, alpha, self.file_scale, dora, self.where)
-        if p.kind == "lora" and alpha is None:
-            # file-wide alphas (metadata) are a LoRA convention; LyCORIS writes one per module
-            bare = _bare(x)
-            p.alpha = next((v for pk, v in self.alpha_pattern.items() if bare.endswith(pk)), self.file_alpha)
-        if res[0] == "fused":
-            self.patches.extend(_split_fused(p, res[1], self.cfg, self.where, x))
-            return used
-        tgt = self.names.main.get(res[1])
-        if tgt is None or not tgt.endswith(".weight"):
-            raise LoraError(f"{self.where}: LoRA '{x}' targets '{res[1]}', which has no weight matrix in "
-                            "Krea 2 (low-rank factors only apply to Linear weights).")
-        p.key = tgt
-        self.patches.append(p)
-        return used
-
-
-def _first_param(name: str, names: _Names):
-    for c in _candidates(name):
-        if c in names.params:
-            return names.params[c]
-    return None
+    tgt = f.names.main.get(res[1])
+    if tgt is None or not tgt.endswith(".weight"):
+        raise LoraError(f"{f.where}: LoRA '{x}' targets '{res[1]}', which has no weight matrix in "
+                        "Krea 2 (low-rank factors only apply to Linear weights).")
+    p.key = tgt
+    patches.append(p)
+    return used
 
 
 def _lowrank_patch(x, parts, roles, src, alpha, scale, dora, where) -> LoraPatch:
@@ -675,31 +445,11 @@ def _split_fused_diff(t, prefix, key, where, cfg) -> list[LoraPatch]:
             for n, part in zip(("wq", "wk", "wv"), t.split((q, kv, kv), dim=0))]
 
 
-def _diff_tensor(t: torch.Tensor, target: str, names: _Names) -> torch.Tensor:
+def _diff_tensor(t: torch.Tensor, target: str, names: Names) -> torch.Tensor:
     want = names.shapes[target]
     if tuple(t.shape) != want and target.endswith(".lin") and t.numel() == math.prod(want):
         return t.reshape(want)  # (6, F) scale_shift_table <-> flat (6F,) mod.lin; (2, F) either way
     return t
-
-
-def _check_foreign(patches, unmapped, where, src):
-    foreign = [k for k in unmapped if not _is_text_encoder(k)]
-    what = _looks_like(foreign)
-    if what:
-        raise LoraError(f"{where}: this LoRA is not for Krea 2: it looks like {what} "
-                        f"(keys such as {first_names([k for k in foreign if _looks_like([k])], 3)}). "
-                        "Use it with the model it was trained for.")
-    if patches:
-        return
-    keys = list(src.keys())
-    if keys and all(_is_text_encoder(k) for k in keys):
-        raise LoraError(f"{where}: this LoRA only patches a text encoder ({first_names(keys, 3)}); "
-                        "Krea2LoraLoader applies LoRAs to the Krea 2 transformer.")
-    what = _looks_like(keys)
-    raise LoraError(f"{where}: no key of this LoRA targets a Krea 2 module"
-                    f"{' - it looks like ' + what if what else ''}. {len(keys)} keys, e.g. "
-                    f"{first_names(keys, 3)}. Krea 2 LoRAs name modules such as 'blocks.0.attn.wq' or "
-                    "'transformer_blocks.0.attn.to_q'.")
 
 
 def _check_duplicates(patches, where):
@@ -711,7 +461,7 @@ def _check_duplicates(patches, where):
         seen[p.key] = p.sources
 
 
-def _check_shape(p: LoraPatch, names: _Names, where: str):
+def _check_shape(p: LoraPatch, names: Names, where: str):
     want = tuple(names.shapes[p.key])
     seen = p.delta_shape()
     key = p.sources[0] if p.sources else p.key

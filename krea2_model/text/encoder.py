@@ -1,7 +1,8 @@
 """Krea 2's text encoder: the Qwen3-VL tower plus its tokenizer, and prompt encoding.
 
 Files are read by :mod:`krea2_model.formats.text_file`; this module turns a prompt into the
-conditioning Krea 2's transformer takes (DESIGN.md: ``(1, tokens, len(taps) * hidden)``).
+conditioning Krea 2's transformer takes (docs/architecture.md, "Public surface":
+``(1, tokens, len(taps) * hidden)``).
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ class Krea2TextEncoder:
 
     def encode(self, text: str, images=None, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
                device=None, dtype=None) -> torch.Tensor:
-        """DESIGN.md's contract: the conditioning ``(1, n, len(taps) * hidden)`` of ``text``, real tokens
-        only, so ``n`` (its second size) is the number of real tokens. :meth:`encode_prompt` also gives the
-        prompt's length before truncation.
+        """The contract of docs/architecture.md: the conditioning ``(1, n, len(taps) * hidden)`` of ``text``,
+        real tokens only, so ``n`` (its second size) is the number of real tokens. :meth:`encode_prompt` also
+        gives the prompt's length before truncation.
 
         ``images``: up to three ComfyUI IMAGE tensors ``(H, W, 3)`` / ``(1, H, W, 3)`` in [0, 1], seen by the
         Qwen3-VL vision tower and placed before the text as ``Picture 1: <image> Picture 2: ...`` (how Krea 2's

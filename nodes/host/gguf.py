@@ -29,6 +29,7 @@ from ...krea2_model.errors import Krea2Error, first_names
 from ...krea2_model.formats.gguf import place_tensor
 from ...krea2_model.formats.gguf_dequant import dequantize
 from ...krea2_model.formats.text_file import TextCheckpoint
+from .model_config import Krea2ModelConfig, weight_dtype_options
 from .patcher import Krea2ModelPatcher
 from .weights import owner_of, slot, unfilled
 from .compat import takes
@@ -145,8 +146,6 @@ def place_all(model: torch.nn.Module, ck, what: str) -> int:
 
 def load_gguf_model(path: str, weight_dtype: str = "default", model_options: dict | None = None):
     """A Krea 2 transformer GGUF -> ComfyUI ``ModelPatcher`` with block-quantized weights kept packed."""
-    from .model import Krea2ModelConfig, weight_dtype_options
-
     opts = dict(model_options or {})
     if weight_dtype != "default":
         weight_dtype_options(weight_dtype)  # validates the name

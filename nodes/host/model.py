@@ -1,9 +1,9 @@
 """Host adapter: a Krea 2 checkpoint -> a ComfyUI MODEL built the way core builds its own models.
 
-A model config (``supported_models_base.BASE`` subclass), a ``BaseModel`` whose ``diffusion_model``
-is our :class:`krea2_model.Krea2Transformer` built through ComfyUI's operations (manual cast, fp8
-storage, scaled-fp8 / per-layer quantized files), and a ``ModelPatcher`` with ComfyUI's load and
-offload devices, so low-VRAM partial loading, LoRA patching and unloading work as for core models.
+The model class (:mod:`nodes.host.model_config`) built through ComfyUI's operations (manual cast, fp8
+storage, scaled-fp8 / per-layer quantized files) and filled by the host's own file loader, and a
+``ModelPatcher`` with ComfyUI's load and offload devices, so low-VRAM partial loading, LoRA patching and
+unloading work as for core models. GGUF files go to :mod:`nodes.host.gguf`.
 """
 
 from __future__ import annotations
@@ -13,136 +13,18 @@ import os
 
 import torch
 
-import comfy.latent_formats
-import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
-import comfy.patcher_extension
-import comfy.supported_models_base
 import comfy.utils
 
-from ...krea2_model import CanonicalCheckpoint, Krea2Config, Krea2Transformer
+from ...krea2_model import CanonicalCheckpoint, Krea2Transformer
 from ...krea2_model.errors import read_error
 from ...krea2_model.formats.transformer_file import _fix_shape as fix_shape
-from .attention import host_attention, host_rope
+from .model_config import WEIGHT_DTYPES, Krea2ModelConfig, weight_dtype_options  # noqa: F401  (the nodes' options)
 from .patcher import patcher_class
 from .compat import takes
 
 log = logging.getLogger("krea2")
-
-WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
-
-
-class HostKrea2Transformer(Krea2Transformer):
-    """Our transformer as the host's diffusion model: ``forward`` runs ``_forward`` through ComfyUI's
-    DIFFUSION_MODEL wrapper chain (EasyCache, FluxKVCache, community wrappers), with native Krea 2's
-    argument order ``(x, timesteps, context, attention_mask, ref_latents, transformer_options, **kwargs)``:
-    wrappers read ``x`` first and ``transformer_options`` last. Every other host hook (patches, block
-    replacement, references) is plain data in ``transformer_options`` / kwargs, read by ``_forward``. Every
-    layer attends with the host's attention choice and overrides (:mod:`nodes.host.attention`)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.attention_backend = host_attention
-        self.rope_backend = host_rope
-
-    def forward(self, x, timesteps, context, attention_mask=None, ref_latents=None, transformer_options=None,
-                **kwargs):
-        opts = {} if transformer_options is None else transformer_options
-        ext = comfy.patcher_extension
-        wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, opts)
-        run = ext.WrapperExecutor.new_class_executor(self._forward, self, wrappers)
-        return run.execute(x, timesteps, context, attention_mask, ref_latents, opts, **kwargs)
-
-    def references_without_method(self, ref_latents) -> None:
-        # Native Krea 2 has no default method and ignores such references; so do we, but say so, once per model.
-        if not getattr(self, "_warned_no_method", False):
-            self._warned_no_method = True
-            log.warning("Krea 2: %d reference latent(s) in the conditioning are ignored: Krea 2 needs a reference "
-                        "method. Add FluxKontextMultiReferenceLatentMethod after ReferenceLatent "
-                        "(index_timestep_zero for style references, index for identity edits).", len(ref_latents))
-
-
-def _unet(krea2_config: dict, dtype=None, device=None, operations=None, **_ignored):
-    """What ``BaseModel`` calls as ``unet_model(**unet_config, device=..., operations=...)``."""
-    return HostKrea2Transformer(Krea2Config(**krea2_config), dtype=dtype, device=device, operations=operations)
-
-
-class Krea2BaseModel(comfy.model_base.BaseModel):
-    """Flow model (sigma in [0, 1], velocity) around our transformer; conditioning via ``c_crossattn``,
-    reference images via ``reference_latents`` + ``reference_latents_method`` (core's ReferenceLatent and
-    FluxKontextMultiReferenceLatentMethod), handed to the transformer as ``ref_latents`` /
-    ``ref_latents_method`` the way core hands them to its native Krea 2."""
-
-    def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLUX, device=None):
-        super().__init__(model_config, model_type, device=device, unet_model=_unet)
-        # the sampler's memory estimate counts reference tokens too (see extra_conds_shapes)
-        self.memory_usage_factor_conds = ("ref_latents",)
-
-    def extra_conds(self, **kwargs):
-        out = super().extra_conds(**kwargs)
-        cross_attn = kwargs.get("cross_attn", None)
-        if cross_attn is not None:
-            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
-        refs = kwargs.get("reference_latents", None)
-        if refs:
-            # without a method the transformer uses its default_ref_method (set by FluxKVCache), or ignores
-            # them with a warning (HostKrea2Transformer.references_without_method)
-            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in refs])
-            method = kwargs.get("reference_latents_method", None)
-            if method is not None:
-                out["ref_latents_method"] = comfy.conds.CONDConstant(method)
-        regions = kwargs.get("krea2_regions", None)
-        if regions is not None:  # Krea2RegionalPrompt: compared by identity, so batched only with the same regions
-            out["krea2_regions"] = comfy.conds.CONDConstant(regions)
-        return out
-
-    def extra_conds_shapes(self, **kwargs):
-        """Reference latents as one ``[1, 16, elements / 16]`` shape, the form the host's memory estimate
-        (``memory_required``) sums alongside the noise latent."""
-        refs = kwargs.get("reference_latents", None)
-        if not refs:
-            return {}
-        ch = self.latent_format.latent_channels
-        return {"ref_latents": [1, ch, sum(r.numel() for r in refs) // ch]}
-
-
-class Krea2ModelConfig(comfy.supported_models_base.BASE):
-    unet_config = {"image_model": "krea2_pack"}
-    unet_extra_config = {}
-    sampling_settings = {"multiplier": 1.0, "shift": 1.15}  # Turbo's mu; Krea2ModelSampling sets Raw's
-    latent_format = comfy.latent_formats.Wan21
-    memory_usage_factor = 2.2
-    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
-    vae_key_prefix = ["vae."]
-    text_encoder_key_prefix = ["text_encoders."]
-
-    def model_type(self, state_dict, prefix=""):
-        return comfy.model_base.ModelType.FLUX
-
-    def inpaint_model(self):
-        return False
-
-    def get_model(self, state_dict, prefix="", device=None):
-        return Krea2BaseModel(self, device=device)
-
-    def clip_target(self, state_dict=None):
-        return None
-
-
-import comfy.conds  # noqa: E402  (after comfy.model_base, as core does)
-
-
-def weight_dtype_options(weight_dtype: str) -> dict:
-    opts = {}
-    if weight_dtype in ("fp8_e4m3fn", "fp8_e4m3fn_fast"):
-        opts["dtype"] = torch.float8_e4m3fn
-        opts["fp8_optimizations"] = weight_dtype == "fp8_e4m3fn_fast"
-    elif weight_dtype == "fp8_e5m2":
-        opts["dtype"] = torch.float8_e5m2
-    elif weight_dtype != "default":
-        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
-    return opts
 
 
 def _cfg_attr(cfg, name):
