@@ -295,7 +295,7 @@ CPU_CHUNK = 1 << 19
 DEVICE_CHUNK = 1 << 22
 #: a chunk never holds more than this share of the tensor, so one call's temporaries stay a small share of
 #: its output whatever the tensor's size (float32 temporaries are up to ~8x the bytes of a bf16 result)
-MAX_SHARE = 1 / 128
+MAX_SHARE = 1 / 256
 
 
 def chunk_plan(n_blocks: int, qtype, device) -> list:

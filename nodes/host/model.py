@@ -20,7 +20,7 @@ import comfy.utils
 from ...krea2_model import CanonicalCheckpoint, Krea2Transformer
 from ...krea2_model.errors import read_error
 from ...krea2_model.formats.transformer_file import _fix_shape as fix_shape
-from .model_config import WEIGHT_DTYPES, Krea2ModelConfig, weight_dtype_options  # noqa: F401  (the nodes' options)
+from .model_config import WEIGHT_DTYPES, Krea2ModelConfig, weight_dtype_options  # noqa: F401
 from .patcher import patcher_class
 from .compat import takes
 
