@@ -354,6 +354,7 @@ def load_gguf_transformer(ck, *, dtype=None, device="cpu", operations=None,
     _check_materialised(model, ck.where)
     log.info("Krea 2: %s: GGUF, %d of %d tensors kept quantized", ck.where, packed, len(keys))
     model.eval()
+    model.source_name = ck.where
     return model
 
 

@@ -336,4 +336,5 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
         if progress:
             progress(i + 1, len(keys))
     model.eval()
+    model.source_name = ck.where
     return model
