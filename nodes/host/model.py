@@ -230,6 +230,14 @@ def load_model(path: str, weight_dtype: str = "default", model_options: dict | N
     return patcher
 
 
+def name_source(patcher, path: str):
+    """``patcher`` with its transformer told which file it came from (named in its warnings, e.g. on NaN output)."""
+    inner = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if isinstance(inner, Krea2Transformer):
+        inner.source_name = path
+    return patcher
+
+
 def _takes(fn, name: str) -> bool:
     """Whether host function ``fn`` accepts keyword ``name``: host versions differ in signatures, and
     asking once is exact where retrying on TypeError would hide a TypeError raised inside the call."""
