@@ -347,3 +347,15 @@ def test_tiny_gguf_generator_cli(tmp_path):
     f = GGUFFile(str(tmp_path / "krea2_gguf_Q5_K.gguf"))
     assert f.arch == "krea2" and {t.type_name for t in f.tensors.values()} == {"F32", "Q5_K"}
     assert (tmp_path / "qwen3vl_gguf_Q5_K.gguf").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_damaged_metadata_field_is_named_not_read_as_absent(tmp_path, transformer_gguf):
+    """``general.architecture`` with bytes that are not UTF-8: an error naming the file and the field (it used to
+    read as an absent field, so the file loaded as if it had no architecture)."""
+    data = open(transformer_gguf, "rb").read()
+    at = data.index(b"krea2", data.index(b"general.architecture"))
+    p = tmp_path / "bad_field.gguf"
+    p.write_bytes(data[:at] + b"\xff\xfe\xfd\xfc\xfb" + data[at + 5:])
+    with pytest.raises(Krea2FileError, match="general.architecture") as e:
+        load_transformer(str(p))
+    assert str(p) in str(e.value) and "damaged" in str(e.value)
