@@ -585,3 +585,18 @@ def test_core_lora_loader_works_on_our_model_for_native_keys(h):
     a = read_latent(saved(h, "lora_ours_native", ".latent"))
     b = read_latent(saved(h, "lora_core_native", ".latent"))
     assert rel(b, a) <= 1e-5
+
+
+def test_model_listing_uses_the_hosts_cached_lists_and_survives_a_symlink_cycle(h, tmp_path):
+    """The loaders' file lists walked every model folder again on every listing, following symlinks (a cycle
+    listed the tree over and over). Now: the host's cached file lists (nothing walked while no folder changed, a
+    new file seen), one entry per real file, diffusers folders one level deep."""
+    root = tmp_path / "models"
+    root.mkdir()
+    res = host_script(h, tmp_path, "listing_check.py", root=str(root))
+    inner = "krea2_diffusers/transformer/diffusion_pytorch_model.safetensors"  # a file the host lists itself
+    want = ["a.safetensors", "c.gguf", inner, "sub/b.gguf", "krea2_diffusers/"]
+    assert res["first"] == want, res["first"]
+    assert res["second"] == want and res["walks_second"] == [], res
+    assert res["third"] == ["a.safetensors", "c.gguf", "d.gguf", inner, "sub/b.gguf", "krea2_diffusers/"], res["third"]
+    assert res["resolved"] == str(root / "diffusion_models" / "sub" / "b.gguf")
