@@ -360,7 +360,7 @@ def test_forward_is_natives_bit_for_bit_and_attention_overrides_act_on_both(nh, 
 
 def test_torch_compile_model_runs_ours_compiled_and_equals_native(nh, tmp_path):
     """compile_check.py: core's TorchCompileModel path (set_torch_compile_wrapper, inductor) on both MODELs.
-    Ours compiles to as few graphs as native's (here: one, native many, with graph breaks)."""
+    Ours compiles to one graph without breaks (native: many, with graph breaks)."""
     c = A.INTEROP_CFG
     res = host_script(nh, tmp_path, "compile_check.py", model=os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
                       ctx_width=c.text_taps * c.text_dim, backend="inductor")
@@ -369,7 +369,8 @@ def test_torch_compile_model_runs_ours_compiled_and_equals_native(nh, tmp_path):
           f"{res['native']['graphs']} (breaks {res['native']['breaks']}); compiled vs plain ours "
           f"{rel(t['ours']['compiled'], t['ours']['plain']):.1e}; compiled ours vs native "
           f"{rel(t['ours']['compiled'], t['native']['compiled']):.1e}")
-    assert res["ours"]["graphs"] >= 1 and res["native"]["graphs"] >= 1  # the compiled forward ran
-    assert res["ours"]["graphs"] <= res["native"]["graphs"]
+    assert res["native"]["graphs"] >= 1  # the compiled forward ran
+    # the README's claim: ours traces to one graph without a break, the host's wrapper chain included
+    assert res["ours"]["graphs"] == 1 and res["ours"]["breaks"] == 0, res["ours"]
     assert rel(t["ours"]["compiled"], t["native"]["compiled"]) <= 1e-4
     assert rel(t["ours"]["compiled"], t["ours"]["plain"]) <= 1e-4
