@@ -11,7 +11,7 @@ step time of GGUF Q8_0 / Q4_K models against the same model in bf16.
   fresh process; peak RSS (VmHWM after resetting it, minus the RSS after the imports) right after the load,
   after every packed weight has been read once, and after one bf16 forward at 256 image tokens (which
   dequantizes each layer's weight once); each divided by the file size.
-* **step**: the Krea-proportioned ``bench`` model (DESIGN.md) at ``--tokens`` image tokens and a 40-token
+* **step**: the Krea-proportioned ``bench`` model (docs/architecture.md) at ``--tokens`` image tokens and a 40-token
   prompt, bf16 compute: the bf16 model vs GGUF Q8_0 and Q4_K files of the same shapes (Q4_K where rows fit
   256, else Q8_0), interleaved runs; runs under CPU/wall 1.85 are dropped.
 

@@ -78,7 +78,7 @@ def random_weights(cfg, dtype, device, seed=0):
 
 def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
     """``w (rows, cols)`` as GGUF Q8_0 bytes ``(rows, cols / 32 * 34)``: per 32 values an fp16 scale
-    ``d = max|x| / 127`` then the 32 int8 values ``round(x / d)`` (the block layout of DESIGN.md)."""
+    ``d = max|x| / 127`` then the 32 int8 values ``round(x / d)`` (the block layout in docs/architecture.md)."""
     rows, cols = w.shape
     x = w.float().reshape(-1, 32)
     d = x.abs().amax(dim=1, keepdim=True) / 127.0

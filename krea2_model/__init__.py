@@ -3,7 +3,7 @@
 Never imports ``comfy``: the host adapters live in ``nodes/``. Grouped by concern: ``model/`` (the
 transformer), ``text/`` (the Qwen3-VL tower, tokenizer, prompt layout and encoder), ``formats/`` (every
 file layout and LoRA style), ``tiny/`` (generators of tiny random assets); ``sampling`` and ``errors``
-serve all of them. This module is the public surface (DESIGN.md).
+serve all of them. This module is the public surface (docs/architecture.md).
 """
 
 from . import sampling

@@ -1,6 +1,6 @@
 """GGUF block dequantization in PyTorch, on whatever device the bytes are on.
 
-Written from the published block layouts (DESIGN.md, "GGUF"); the ``gguf`` package's own numpy
+Written from the published block layouts (docs/architecture.md, "GGUF"); the ``gguf`` package's own numpy
 dequantizer is only the reference the unit tests compare with. One table, :data:`QTYPES`, maps a type
 to ``(id, elements per block, bytes per block, function)``; a new type is one function plus one row.
 

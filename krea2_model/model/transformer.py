@@ -481,7 +481,7 @@ class Krea2Transformer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x, sigma, context, attention_mask=None, transformer_options=None, *, ref_latents=None,
                 **kwargs):
-        """The velocity; see the module docstring. The public order of DESIGN.md
+        """The velocity; see the module docstring. The public order of docs/architecture.md
         (``x, sigma, context, attention_mask, transformer_options``); references by keyword
         (``ref_latents``, ``ref_latents_method``). :meth:`_forward` takes native ComfyUI Krea 2's order
         (``..., attention_mask, ref_latents, transformer_options``), so a host wrapper around it sees ``x``

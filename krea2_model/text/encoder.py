@@ -1,7 +1,7 @@
 """Krea 2's text encoder: the Qwen3-VL tower plus its tokenizer, and prompt encoding.
 
 Files are read by :mod:`krea2_model.formats.text_file`; this module turns a prompt into the
-conditioning Krea 2's transformer takes (DESIGN.md: ``(1, tokens, len(taps) * hidden)``).
+conditioning Krea 2's transformer takes (docs/architecture.md: ``(1, tokens, len(taps) * hidden)``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Krea2TextEncoder:
 
     def encode(self, text: str, images=None, taps: Sequence[int] = DEFAULT_TAPS, max_tokens: int = MAX_TOKENS,
                device=None, dtype=None) -> torch.Tensor:
-        """DESIGN.md's contract: the conditioning ``(1, n, len(taps) * hidden)`` of ``text``, real tokens
+        """The contract of docs/architecture.md: the conditioning ``(1, n, len(taps) * hidden)`` of ``text``, real tokens
         only, so ``n`` (its second size) is the number of real tokens. :meth:`encode_prompt` also gives the
         prompt's length before truncation.
 

@@ -29,7 +29,7 @@ CONFIGS = {
     "mha": Krea2Config(hidden=64, heads=2, kv_heads=2, head_dim=32, mlp_hidden=128, layers=2, time_dim=32,
                        text_dim=64, text_taps=2, text_heads=2, text_kv_heads=2, text_head_dim=32,
                        text_mlp_hidden=128, text_layerwise_blocks=1, text_refiner_blocks=1),
-    # Krea-proportioned CPU benchmark model (DESIGN.md "Performance method")
+    # Krea-proportioned CPU benchmark model (docs/architecture.md, "Performance method")
     "bench": Krea2Config(hidden=1024, heads=8, kv_heads=2, head_dim=128, mlp_hidden=2816, layers=4, time_dim=256,
                          text_dim=640, text_taps=12, text_heads=5, text_kv_heads=5, text_head_dim=128,
                          text_mlp_hidden=1792),

@@ -4,7 +4,7 @@ No mocks of ``comfy``: the host runs with its own Python (never imported into th
 the pack is linked into a temporary base directory's ``custom_nodes``, and tests talk to it over
 loopback HTTP only (stdlib ``urllib``, no ``requests`` needed in the test venv).
 
-Discovery (DESIGN.md, "Tests"):
+Discovery (docs/architecture.md, "Tests"):
   host          ``COMFYUI_PATH``; else the pack's grandparent when the pack sits in
                 ``<ComfyUI>/custom_nodes``; else ``~/comfy/ComfyUI`` (comfy-cli's default).
   old host      ``COMFYUI_PATH_OLD``; else ``~/comfy/ComfyUI-0.3.64`` if present (a host without

@@ -6,7 +6,7 @@ canvas as a file (the frontend's own drop handler loads it, as when a user drags
 
 - no missing-node / missing-model warning (dialog or error overlay), every node type registered,
   every model file name in a combo is one the host lists, and no node drawn over another;
-- every node of ours is rendered with its agreed inputs (DESIGN.md rule 6), category "Krea 2", and a
+- every node of ours is rendered with its agreed inputs (docs/architecture.md rule 6), category "Krea 2", and a
   fresh node of each type shows the agreed defaults;
 - the frontend's own export (``app.graphToPrompt()``) equals the API twin in
   ``example_workflows/api/`` (modulo ``_meta``);
@@ -40,7 +40,7 @@ ARTIFACTS = os.path.join(os.environ.get("KREA2_TEST_ARTIFACTS", os.path.join(ROO
 SIZE = 128  # px the size widgets are set to before queueing (the examples are 1024x1024)
 VIEWPORT = {"width": 1600, "height": 900}
 
-# DESIGN.md rule 6: these inputs are part of every saved workflow (more may follow, never renamed);
+# docs/architecture.md rule 6: these inputs are part of every saved workflow (more may follow, never renamed);
 # defaults as the README's node table gives them.
 AGREED = {
     "Krea2ModelLoader": {"inputs": ["model_name", "weight_dtype"], "defaults": {"weight_dtype": "default"},

@@ -1,4 +1,4 @@
-"""Host discovery rules (DESIGN.md "Tests"), checked on fake host folders: needs no ComfyUI."""
+"""Host discovery rules (docs/architecture.md, "Tests"), checked on fake host folders: needs no ComfyUI."""
 
 import sys
 from pathlib import Path

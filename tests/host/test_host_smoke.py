@@ -9,7 +9,7 @@ from host_api import ExecutionError, PromptError
 
 pytestmark = pytest.mark.host
 
-# DESIGN.md rule 6: frozen IDs and the inputs every saved workflow depends on (more may follow).
+# docs/architecture.md rule 6: frozen IDs and the inputs every saved workflow depends on (more may follow).
 FROZEN_NODES = {
     "Krea2ModelLoader": ["model_name", "weight_dtype"],
     "Krea2TextEncoderLoader": ["text_encoder_name"],

@@ -389,7 +389,7 @@ def test_tiny_generator_cli(tmp_path):
 
 
 def test_public_call_order_is_designs():
-    """DESIGN.md's surface: ``model(x, sigma, context, attention_mask=None, transformer_options=None)``; a
+    """The surface of docs/architecture.md: ``model(x, sigma, context, attention_mask=None, transformer_options=None)``; a
     5th positional argument is the options dict (references go by keyword)."""
     import inspect
     from krea2_model import Krea2Transformer
