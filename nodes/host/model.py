@@ -23,7 +23,7 @@ import comfy.supported_models_base
 import comfy.utils
 
 from ...krea2_model import CanonicalCheckpoint, Krea2Config, Krea2FileError, Krea2Transformer
-from ...krea2_model.formats.transformer_file import _fix_shape as fix_shape
+from ...krea2_model.formats.transformer_file import fix_shape
 from .attention import host_attention, host_rope
 from .patcher import patcher_class
 
@@ -246,8 +246,10 @@ def _takes(fn, name: str) -> bool:
 
 
 def is_krea2_model(model) -> bool:
-    """True for our MODEL and for core's native Krea 2 MODEL."""
+    """True for our MODEL and for core's native Krea 2 MODEL (its own ``BaseModel`` class, where the host has one)."""
+    from .internals import native_krea2_class
     inner = getattr(getattr(model, "model", None), "diffusion_model", None)
     if isinstance(inner, Krea2Transformer):
         return True
-    return type(inner).__module__.endswith("krea2.model") or type(model.model).__name__ == "Krea2"
+    native = native_krea2_class()
+    return native is not None and isinstance(getattr(model, "model", None), native)

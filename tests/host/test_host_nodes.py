@@ -600,3 +600,32 @@ def test_model_listing_uses_the_hosts_cached_lists_and_survives_a_symlink_cycle(
     assert res["second"] == want and res["walks_second"] == [], res
     assert res["third"] == ["a.safetensors", "c.gguf", "d.gguf", inner, "sub/b.gguf", "krea2_diffusers/"], res["third"]
     assert res["resolved"] == str(root / "diffusion_models" / "sub" / "b.gguf")
+
+
+def test_each_host_internal_we_rely_on_works_as_the_adapter_says(h, tmp_path):
+    """``nodes/host/internals.py`` is the one place the pack touches ComfyUI internals; each use runs here on each
+    host: the host's key lookup, its patch_weight_to_device signature (bound by its own names), its LowVramPatch
+    (our cast-time patch computes what it computes), the patcher class switch on a plain clone only, and native
+    Krea 2 found by its own classes (0.33) or absent (0.3.64), never by module-name substrings."""
+    native = None
+    if h.native_krea2:
+        if not getattr(h, "_krea2_interop", None):
+            h._krea2_interop = A.make_interop_assets(str(h.models_dir))
+        native = os.path.join(h.models_dir, "diffusion_models", A.INTEROP)
+    res = host_script(h, tmp_path, "internals_check.py", model=os.path.join(h.models_dir, "diffusion_models", A.TURBO),
+                      native_model=native, text_encoder=os.path.join(h.models_dir, "text_encoders", A.TEXT))
+    assert h.version in res["checked_on"], (h.version, res["checked_on"])
+    assert res["key_weight"] == {"is_param": True, "set": True, "convert": True}, res
+    p = res["patch_args"]
+    assert p["key"] and p["device_to"] and p["inplace_update"], p
+    assert {"key", "device_to", "inplace_update"} <= set(p["names"]), p
+    lv = res["low_vram_patch"]
+    assert lv["is_host_class"] and lv["ours_vs_host"] <= 1e-6 and lv["moved"] > 1e-4, lv
+    assert res["adopt"] == {"clone": "Krea2ModelPatcher", "original": "ModelPatcher", "same": True,
+                            "subclass_untouched": "Krea2ModelPatcher"}, res["adopt"]
+    assert res["native"]["ours"] and res["text"]["ours"] and not res["text"]["ours_is_core"], res
+    if h.native_krea2:
+        assert res["native"]["class"] == "Krea2" and res["native"]["native"] and res["native"]["native_is_class"], res
+        assert res["text"]["class"] == "Krea2TEModel", res
+    else:
+        assert res["native"]["class"] is None and res["text"]["class"] is None, res
