@@ -629,3 +629,24 @@ def test_each_host_internal_we_rely_on_works_as_the_adapter_says(h, tmp_path):
         assert res["text"]["class"] == "Krea2TEModel", res
     else:
         assert res["native"]["class"] is None and res["text"]["class"] is None, res
+
+
+def test_a_damaged_model_file_gets_one_message_naming_it_and_the_step(h):
+    """A weights file with a few non-finite values in its data loads; the graph's first NaN velocity gets one
+    warning naming the file, the step of the host's schedule and the likely causes; the next sample gets its own."""
+    from krea2_model.tiny import transformer as tiny
+    name = "krea2_damaged_data.safetensors"
+    path = os.path.join(h.models_dir, "diffusion_models", name)
+    if not os.path.exists(path):
+        sd = A.transformer_state(1)
+        sd["blocks.0.mlp.down.weight"].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+        tiny.write(sd, path, "comfy")
+    count = lambda: h.log_text().count(f"{name} returned NaN or infinite values")  # noqa: E731
+    before = count()
+    for seed in (1, 2):
+        wf = latent_variant(small(load_api("krea2_turbo_text_to_image.json"), seed=seed, steps=3), f"damaged_{seed}")
+        nodes_of(wf, "Krea2ModelLoader")[0][1]["inputs"]["model_name"] = name
+        run(h, wf)
+    said = [line for line in h.log_text().splitlines() if f"{name} returned NaN" in line]
+    assert count() - before == 2, said[-4:]  # one per sample, not one per step
+    assert "at step 1 of 3" in said[-1] and "damaged" in said[-1] and "fp16" in said[-1], said[-1]
