@@ -176,12 +176,13 @@ class Floor:
             qg = buf((b, hkv, (h // hkv) * l, d), q)
             self.attn.append((qg, buf(k.shape, k), buf(v.shape, v), mask))  # k and v may share a buffer
             return k2attention.sdpa_attention(q, k, v, mask)
-        k2attention.set_attention_backend(rec)
+        before = model.attention_backend
+        model.attention_backend = lambda q, k, v, mask, _options: rec(q, k, v, mask)
         try:
             with torch.inference_mode():
                 model(*args, **(kwargs or {}))
         finally:
-            k2attention.set_attention_backend(None)
+            model.attention_backend = before
             for h in hooks:
                 h.remove()
 

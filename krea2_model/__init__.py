@@ -10,11 +10,11 @@ from . import sampling
 from .errors import (ConditioningError, Krea2Error, Krea2FileError, LoraError, MissingTensorsError, NotKrea2Error,
                      PickleRefusedError, ShapeMismatchError, TokenizerMismatchError, TokenizerNotFoundError)
 from .formats.transformer_file import CanonicalCheckpoint, load_transformer
-from .model.attention import attention, set_attention_backend
+from .model.attention import attention
 from .model.transformer import Krea2Config, Krea2Transformer
 
 __all__ = [
-    "sampling", "attention", "set_attention_backend", "CanonicalCheckpoint", "load_transformer", "Krea2Config",
+    "sampling", "attention", "CanonicalCheckpoint", "load_transformer", "Krea2Config",
     "Krea2Transformer", "Krea2Error", "Krea2FileError", "ConditioningError", "LoraError", "MissingTensorsError",
     "NotKrea2Error", "PickleRefusedError", "ShapeMismatchError", "TokenizerMismatchError", "TokenizerNotFoundError",
     "load_text_encoder",

@@ -13,40 +13,75 @@ DIFFUSERS_MARKERS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
                      "model.safetensors.index.json", "model.safetensors")
 
 
+def _is_loop(path: str, base: str) -> bool:
+    """Whether folder ``path`` (inside ``base``) resolves to ``base`` itself or one of its parents (a symlink
+    cycle: walking it would list the same tree again and again)."""
+    real, top = os.path.realpath(path), os.path.realpath(base)
+    return real == top or top.startswith(real.rstrip(os.sep) + os.sep)
+
+
 def _folder_entries(kind: str) -> list[str]:
-    """Model folders (diffusers / HF layouts) directly inside ``kind``'s search paths, as ``name/``."""
+    """Model folders (diffusers / HF layouts) directly inside ``kind``'s search paths, as ``name/``: one level, never
+    a walk; folders that loop back (symlinks to a parent) and unreadable ones are skipped."""
     out = []
     for base in folder_paths.get_folder_paths(kind):
-        if not os.path.isdir(base):
+        try:
+            entries = sorted(os.scandir(base), key=lambda e: e.name)
+        except OSError:  # absent or unreadable search path
             continue
-        for name in sorted(os.listdir(base)):
-            p = os.path.join(base, name)
-            if os.path.isdir(p):
-                inner = os.path.join(p, "transformer") if kind == "diffusion_models" else p
-                for cand in (p, inner):
-                    if any(os.path.exists(os.path.join(cand, m)) for m in DIFFUSERS_MARKERS):
-                        out.append(name + "/")
-                        break
+        for e in entries:
+            try:
+                if not e.is_dir() or (e.is_symlink() and _is_loop(e.path, base)):
+                    continue
+            except OSError:
+                continue
+            inner = os.path.join(e.path, "transformer") if kind == "diffusion_models" else e.path
+            if any(os.path.exists(os.path.join(cand, m)) for cand in (e.path, inner) for m in DIFFUSERS_MARKERS):
+                out.append(e.name + "/")
     return out
 
 
-def _gguf_files(kind: str) -> list[str]:
-    """``.gguf`` files under ``kind``'s search paths (the host lists only its own extensions; for
-    ``diffusion_models`` these paths include ``models/unet``), as paths relative to their folder."""
-    out = []
-    for base in folder_paths.get_folder_paths(kind):
-        if not os.path.isdir(base):
-            continue
-        for root, _dirs, files in os.walk(base, followlinks=True):
-            for f in files:
-                if f.lower().endswith(".gguf"):
-                    out.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
+_GGUF = ".gguf"
+_unique_cache: dict = {}
+
+
+def _gguf_key(kind: str) -> str:
+    """A ``folder_paths`` entry listing ``.gguf`` files in ``kind``'s search paths (the host lists only its own
+    extensions), kept in step with those paths; the host then lists and caches it like its own folders (its
+    file list is rebuilt only when a folder's modification time changes)."""
+    key = "krea2_gguf_" + kind
+    paths = list(folder_paths.get_folder_paths(kind))
+    entry = folder_paths.folder_names_and_paths.get(key)
+    if entry is None or list(entry[0]) != paths:
+        folder_paths.folder_names_and_paths[key] = (paths, {_GGUF})
+    return key
+
+
+def _unique(kind: str, names: list[str]) -> list[str]:
+    """``names`` without the copies a symlink cycle adds (``loop/x.gguf`` for ``x.gguf``): one name per real file,
+    the shortest. Computed again only when the host's list changes."""
+    key = tuple(names)
+    hit = _unique_cache.get(kind)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    bases = folder_paths.get_folder_paths(kind)
+    best: dict = {}
+    for n in names:
+        full = next((os.path.join(b, n) for b in bases if os.path.exists(os.path.join(b, n))), None)
+        real = os.path.realpath(full) if full is not None else (None, n)
+        if real not in best or (n.count("/"), n) < (best[real].count("/"), best[real]):
+            best[real] = n
+    out = sorted(best.values())
+    _unique_cache[kind] = (key, out)  # the current list of each kind only
     return out
 
 
 def list_files(kind: str) -> list[str]:
-    # every file the host lists, pickles included: choosing one gets a clear refusal, not a silent gap
-    return sorted(set(folder_paths.get_filename_list(kind)) | set(_gguf_files(kind))) + _folder_entries(kind)
+    """Every file the host lists for ``kind`` (pickles included: choosing one gets a clear refusal, not a silent
+    gap), its ``.gguf`` files and the model folders: the files from the host's own cached lists, no walk of ours."""
+    gguf = folder_paths.get_filename_list(_gguf_key(kind))
+    names = sorted(set(folder_paths.get_filename_list(kind)) | set(gguf))
+    return _unique(kind, names) + _folder_entries(kind)
 
 
 def resolve(kind: str, name: str) -> str:

@@ -35,7 +35,8 @@ class Krea2ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype="default") -> io.NodeOutput:
-        return io.NodeOutput(host_model.load_model(resolve("diffusion_models", model_name), weight_dtype))
+        path = resolve("diffusion_models", model_name)
+        return io.NodeOutput(host_model.name_source(host_model.load_model(path, weight_dtype), path))
 
 
 class Krea2ModelSampling(io.ComfyNode):

@@ -140,14 +140,17 @@ class GGUFFile:
             self.tensors[t.name] = GGUFTensor(t.name, qt, getattr(t.tensor_type, "name", str(type_id)), shape, raw)
 
     def field(self, name: str, default=None):
+        """Metadata value ``name``; ``default`` when the file has no such field. A field that is there but cannot
+        be decoded (bad UTF-8, a count past its data) is an error naming the file and the field, never a
+        silent ``default``."""
         f = self._reader.fields.get(name)
         if f is None:
             return default
         try:
-            v = f.contents()
-        except Exception:
-            return default
-        return v
+            return f.contents()
+        except (ValueError, IndexError, TypeError, OverflowError) as e:  # UnicodeDecodeError is a ValueError
+            raise Krea2FileError(f"{self.path}: the GGUF metadata field '{name}' cannot be read ({type(e).__name__}: "
+                                 f"{e}); the file's header is damaged. Download the file again.") from None
 
 
 def _unsupported(where: str, t: GGUFTensor) -> QuantFormatError:
@@ -436,6 +439,7 @@ def load_gguf_transformer(ck, *, dtype=None, device="cpu", operations=None,
     _check_materialised(model, ck.where)
     log.info("Krea 2: %s: GGUF, %d of %d tensors kept quantized", ck.where, packed, len(keys))
     model.eval()
+    model.source_name = ck.where
     return model
 
 

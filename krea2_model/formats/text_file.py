@@ -24,7 +24,7 @@ import torch
 
 from ..errors import NotKrea2Error, ShapeMismatchError, WrongTextEncoderError, first_names
 from ..text.qwen3 import Qwen3TextConfig, Qwen3TextModel
-from ..text.vision import Qwen3VisionConfig, Qwen3VisionModel, default_deepstack
+from ..text.vision import KNOWN_DEEPSTACK, Qwen3VisionConfig, Qwen3VisionModel, default_deepstack
 from .quant import FP8, MARKER_KEYS, QUANT_SUFFIXES, dequantize
 from .safetensors_io import TensorSource, open_source
 from .tensors import check_tensors, count_indices, module_shapes, set_tensor, shape_getter
@@ -266,6 +266,34 @@ class VisionCheckpoint:
         return dequantize(t, side, self.where, self.keymap[k], keep_fp8=keep_fp8)
 
 
+def _vision_head_problem(cfg: Qwen3VisionConfig, hf: dict) -> str | None:
+    """Why ``cfg.heads`` cannot be this tower's head count, or None. The count is in no tensor's shape; what the
+    shapes allow: the width splits into that many heads, each a multiple of 4 wide (the 2-D rotary embedding turns
+    a quarter of each head with the row, a quarter with the column)."""
+    size = cfg.hidden // cfg.heads if cfg.heads > 0 else 0
+    if cfg.heads > 0 and cfg.hidden % cfg.heads == 0 and size % 4 == 0:
+        return None
+    if "num_heads" in hf:
+        whence = f"config.json's vision_config.num_heads is {cfg.heads}"
+    else:
+        whence = (f"a single file does not record the head count, and Qwen3-VL's {cfg.heads} was assumed; a Hugging "
+                  "Face folder's config.json (vision_config.num_heads) gives the real one")
+    return (f"its vision tower is {cfg.hidden} wide, which does not split into {cfg.heads} attention heads of a size "
+            f"that is a multiple of 4, as its rotary embedding needs ({whence}). Use the model as its Hugging Face "
+            "folder, with its config.json")
+
+
+def _say_assumed_vision_sizes(cfg: Qwen3VisionConfig, hf: dict, where: str) -> None:
+    """One log line for a tower Qwen never published whose DeepStack layers (or head count) are guesses."""
+    if hf.get("deepstack_visual_indexes") or not cfg.deepstack or (cfg.depth, len(cfg.deepstack)) in KNOWN_DEEPSTACK:
+        return
+    heads = "" if "num_heads" in hf else f" and {cfg.heads} attention heads (Qwen3-VL's)"
+    log.warning("Krea 2: %s: a vision tower of %d blocks with %d DeepStack mergers is not a published Qwen3-VL one; "
+                "assuming DeepStack layers %s (evenly spaced)%s. If images come out wrong, load the model as its "
+                "Hugging Face folder: its config.json (vision_config) gives the real ones.", where, cfg.depth,
+                len(cfg.deepstack), list(cfg.deepstack), heads)
+
+
 def find_vision(src, keys, where: str, text_hidden: int, hf: dict) -> tuple:
     """``(VisionCheckpoint, None)`` for a complete vision tower, else ``(None, reason)``."""
     prefix = next((p for p in _VISION_PREFIXES if any(k.startswith(p) for k in keys)), None)
@@ -281,6 +309,10 @@ def find_vision(src, keys, where: str, text_hidden: int, hf: dict) -> tuple:
         cfg = infer_vision_config(shapes, hf)
     except KeyError as e:
         return None, f"its vision tower is incomplete (no '{prefix}{e.args[0]}')"
+    problem = _vision_head_problem(cfg, hf)
+    if problem:
+        return None, problem
+    _say_assumed_vision_sizes(cfg, hf, where)
     want = module_shapes(lambda: Qwen3VisionModel(cfg))
     missing = [k for k in want if k not in shapes]
     if missing:

@@ -137,8 +137,9 @@ def canonical_keymap(keys) -> tuple[dict, str]:
     return out, layout
 
 
-def _fix_shape(key: str, t: torch.Tensor) -> torch.Tensor:
-    # Diffusers stores each block's six modulation vectors as a (6, F) table; Krea flat (6F,).
+def fix_shape(key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the canonical shape of ``key``: diffusers stores each block's six modulation vectors as a (6, F)
+    table, Krea flat (6F,)."""
     if _BLOCK_MOD.match(key) and t.ndim == 2:
         return t.reshape(-1)
     return t
@@ -242,7 +243,7 @@ class CanonicalCheckpoint:
         return self._shapes[k]
 
     def load(self, k) -> torch.Tensor:
-        return _fix_shape(k, self.src[self.keymap[k]])
+        return fix_shape(k, self.src[self.keymap[k]])
 
     def source_dtype(self, k):
         """The stored dtype of canonical tensor ``k`` (None when the source does not say)."""
@@ -336,4 +337,5 @@ def load_transformer(source, *, dtype=None, device="cpu", operations=None,
         if progress:
             progress(i + 1, len(keys))
     model.eval()
+    model.source_name = ck.where
     return model

@@ -6,12 +6,11 @@ repeat-interleave grouping of the reference). ``mask`` is ``None`` or a boolean 
 broadcastable to ``(B, 1, 1, L)`` (True = attend). Returns ``(B, L, H*D)``.
 
 ``is_causal=True`` (keyword only; the Qwen3-VL text tower) adds the causal constraint: query ``i``
-attends keys ``j <= i`` (and the key mask, if any). A host backend set with
-:func:`set_attention_backend` keeps its 4-argument signature: for causal calls it receives the
-combined boolean mask ``(B or 1, 1, L, L)`` instead of a flag.
+attends keys ``j <= i`` (and the key mask, if any).
 
-A host can swap the backend with :func:`set_attention_backend` (ComfyUI's optimized attention,
-for example); the default is PyTorch SDPA.
+This is PyTorch SDPA. A host's own attention is chosen per model, never process-wide: the transformer's
+``attention_backend`` attribute (``fn(q, k, v, mask, transformer_options)``, the same contract plus the forward's
+options), which ComfyUI's adapter sets (``nodes.host.attention``).
 
 Which SDPA kernel each call reaches on CUDA (PyTorch >= 2.5). SDPA's flash kernel takes fp16 / bf16 without a
 mask (``is_causal`` and GQA included), the memory-efficient kernel any dtype and any mask; everything else falls
@@ -42,8 +41,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_backend = None
-
 
 def _torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
@@ -53,12 +50,6 @@ def _torch_version() -> tuple[int, int]:
 #: SDPA's ``enable_gqa`` (K/V heads shared inside the kernel) exists from torch 2.5 on. Decided once from
 #: the version: a TypeError raised inside a call is a real error, never a reason to switch paths.
 SDPA_HAS_GQA = _torch_version() >= (2, 5)
-
-
-def set_attention_backend(fn) -> None:
-    """Route all Krea 2 attention through ``fn(q, k, v, mask)`` (same contract); ``None`` restores SDPA."""
-    global _backend
-    _backend = fn
 
 
 def causal_mask(l: int, device, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,8 +98,4 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
               is_causal: bool = False) -> torch.Tensor:
     """See the module docstring for the contract."""
-    if _backend is not None:
-        if is_causal:
-            return _backend(q, k, v, causal_mask(q.shape[2], q.device, mask))
-        return _backend(q, k, v, mask)
     return sdpa_attention(q, k, v, mask, is_causal=is_causal)

@@ -346,6 +346,10 @@ class Krea2Transformer(nn.Module):
         #: the RoPE rotation: None for ours, or ``fn(q, k, pe) -> (q, k)`` (q ``(B, H, L, D)``, k ``(B, Hkv, L, D)``,
         #: ``pe`` the rotation matrices ``(B, 1, L, D/2, 2, 2)``) through which a host rotates with its own kernel
         self.rope_backend = None
+        #: the file the weights came from (set by the loaders), named in messages
+        self.source_name = None
+        self._warned_inputs: set = set()
+        self._nonfinite_step = None  # the step of the last non-finite warning: one per sample
 
     # -- pieces -----------------------------------------------------------------------------------
     def unpack_context(self, context: torch.Tensor) -> torch.Tensor:
@@ -478,17 +482,56 @@ class Krea2Transformer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x, sigma, context, attention_mask=None, transformer_options=None, *, ref_latents=None,
                 **kwargs):
-        """The velocity; see the module docstring. The public order of DESIGN.md
+        """The velocity; see the module docstring. The public order of docs/architecture.md
         (``x, sigma, context, attention_mask, transformer_options``); references by keyword
         (``ref_latents``, ``ref_latents_method``). :meth:`_forward` takes native ComfyUI Krea 2's order
         (``..., attention_mask, ref_latents, transformer_options``), so a host wrapper around it sees ``x``
         first and ``transformer_options`` last (``nodes.host.model`` runs it through the host's
         DIFFUSION_MODEL wrapper chain with that order)."""
-        return self._forward(x, sigma, context, attention_mask, ref_latents, transformer_options, **kwargs)
+        out = self._forward(x, sigma, context, attention_mask, ref_latents, transformer_options, **kwargs)
+        return self.check_finite(out, transformer_options)
+
+    def ignored_inputs(self, kwargs: dict) -> None:
+        """Keyword inputs the forward does not read (a host passes ``control=None`` on every call: None is no
+        input): one warning per model naming each new one. ``control`` is what ControlNet nodes send."""
+        new = sorted(k for k, v in kwargs.items() if v is not None and k not in self._warned_inputs)
+        if not new:
+            return
+        self._warned_inputs.update(new)
+        note = ""
+        if "control" in new:
+            note = (" 'control' comes from a ControlNet: Krea 2 has no ControlNet inputs (native ComfyUI Krea 2 "
+                    "ignores it too), so the ControlNet does nothing here; take it out of the graph.")
+        log.warning("Krea 2: model input(s) %s are ignored: the Krea 2 transformer does not read them.%s",
+                    ", ".join(repr(k) for k in new), note)
+
+    def check_finite(self, out: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
+        """``out`` unchanged; the first non-finite velocity of a sample gets one warning naming the model file, the
+        step and the likely causes. Costs one reduction per call (a sum over the velocity, no extra buffer): a
+        NaN or inf anywhere makes the sum non-finite, and finite velocities cannot overflow a float32 sum."""
+        if torch.compiler.is_compiling() or bool(torch.isfinite(out.sum(dtype=torch.float32))):
+            return out
+        opts = transformer_options or {}
+        sched, now = opts.get("sample_sigmas"), opts.get("sigmas")
+        i, step = 0, ""
+        if sched is not None and now is not None and len(sched) > 1:
+            i = int((sched.flatten().float().cpu() - float(now.flatten()[0])).abs().argmin())
+            step = f" at step {i + 1} of {len(sched) - 1} (sigma {float(now.flatten()[0]):.4g})"
+        last, self._nonfinite_step = self._nonfinite_step, i
+        if last is not None and i >= last:
+            return out  # said already for this sample: a later step (or the other half of a CFG batch)
+        name = self.source_name or "(a model built in memory)"
+        log.warning("Krea 2: the model %s returned NaN or infinite values%s; the image will come out black or as noise. "
+                    "Likely causes: a damaged weights file (flipped bytes in its data: download it again and compare "
+                    "its checksum), fp16 overflow (compute in bf16 or fp32 instead: ComfyUI's --bf16-unet or "
+                    "--fp32-unet, or a bf16 file), or NaN already in the inputs (latent, conditioning).", name, step)
+        return out
 
     def _forward(self, x, sigma, context, attention_mask=None, ref_latents=None, transformer_options=None,
                  ref_latents_method=None, krea2_regions=None, **kwargs):
         cfg = self.config
+        if kwargs:
+            self.ignored_inputs(kwargs)
         # ComfyUI's host hooks are read from transformer_options, all here and in the block loop below:
         # patches["post_input"], patches["attn1_patch"], patches["attn1_output_patch"] (AttentionHooks),
         # patches_replace["dit"][("single_block", i)]. The blocks see a per-call copy carrying
@@ -515,15 +558,30 @@ class Krea2Transformer(nn.Module):
             self.references_without_method(ref_latents)
             ref_latents = None
         if ref_latents is not None and len(ref_latents) > 0:
-            if ref_latents_method not in REF_METHODS and ref_latents_method != getattr(self, "_warned_method", None):
+            if ref_latents_method not in ("index", "index_timestep_zero") and \
+                    ref_latents_method != getattr(self, "_warned_method", None):
                 self._warned_method = ref_latents_method  # once, not at every step
-                log.warning("Krea 2: unknown ref_latents_method %r; references are placed as 'index' (one of %s "
-                            "was expected)", ref_latents_method, ", ".join(REF_METHODS))
+                if ref_latents_method in REF_METHODS:  # "offset", "uxo"
+                    log.warning("Krea 2: ref_latents_method %r places the references as 'index' does (reference i "
+                                "at positions (i, row, col)), as native ComfyUI Krea 2 does: Krea 2 has no placement "
+                                "of its own for %r.", ref_latents_method, ref_latents_method)
+                else:
+                    log.warning("Krea 2: unknown ref_latents_method %r; references are placed as 'index' (one of %s "
+                                "was expected)", ref_latents_method, ", ".join(REF_METHODS))
             refs, ref_grids = self.reference_tokens([r.to(x.device) for r in ref_latents], B)
             img = torch.cat([img, refs], dim=1)
             t0 = ref_latents_method == "index_timestep_zero"
             opts["reference_image_num_tokens"] = [a * b for a, b in ref_grids]
 
+        if frames is not None and frames[1] > 1:
+            # per-sample inputs of a 5-D latent follow its flattening (sample-major: sample b's frames are rows
+            # b*T .. b*T+T-1), so each frame keeps its own sample's time, prompt and mask
+            n, T = frames
+            sigma = sigma.repeat_interleave(T) if sigma.ndim == 1 and sigma.shape[0] == n else sigma
+            if context.shape[0] == n and n > 1:
+                context = context.repeat_interleave(T, dim=0)
+            if attention_mask is not None and attention_mask.shape[0] == n and n > 1:
+                attention_mask = attention_mask.repeat_interleave(T, dim=0)
         if sigma.ndim == 0:
             sigma = sigma.expand(B)
         elif sigma.shape[0] != B:  # one time per sample of a 5-D latent: one per frame
@@ -582,11 +640,14 @@ class Krea2Transformer(nn.Module):
                 or self.rope_backend is not None:
             hooks = AttentionHooks(patches, opts, self.attention_backend, self.rope_backend)
         ref_start = L_txt + n_target if t0 else None
+        # a block replacement may keep the tensors it is given or returns (a cache): with any replacement set, every
+        # block updates out of place (as native does); the in-place residual is only for a forward without one
+        inplace = not any(isinstance(k, tuple) and k[:1] == ("single_block",) for k in replace)
         for i, blk in enumerate(self.blocks):
             opts["block_index"] = i
             fn = replace.get(("single_block", i))
             if fn is None:
-                h = blk(h, vec, rope, mask, hooks, vec_ref, ref_start)
+                h = blk(h, vec, rope, mask, hooks, vec_ref, ref_start, inplace=inplace)
             else:
                 h = self._replaced_block(fn, blk, h, vec, rope, mask, hooks, vec_ref, ref_start, opts)
         out = self.last(h[:, L_txt:L_txt + n_target], t)   # the target only: references are inputs

@@ -309,8 +309,10 @@ def is_ours(clip) -> bool:
 
 
 def is_core_krea2(clip) -> bool:
-    m = getattr(clip, "cond_stage_model", None)
-    return m is not None and "krea2" in type(m).__module__ + type(m).__name__.lower() and not is_ours(clip)
+    """True for a CLIP of core's native Krea 2 text encoder (its own class, where the host has one)."""
+    from .internals import native_krea2_text_class
+    native = native_krea2_text_class()
+    return native is not None and isinstance(getattr(clip, "cond_stage_model", None), native)
 
 
 def limit_core_tokens(tokens: dict, max_tokens: int = MAX_TOKENS) -> dict:

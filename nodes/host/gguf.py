@@ -112,11 +112,40 @@ _OPS: dict = {}
 
 class Krea2GGUFPatcher(Krea2ModelPatcher):
     """:class:`Krea2ModelPatcher` that applies every Linear weight patch at cast time whatever the devices:
-    a GGUF weight's stored bytes cannot take a patch, so ComfyUI's patch-and-backup is never used for them
-    (checkpoint saving with baked-in patches is not offered for GGUF models)."""
+    a GGUF weight's stored bytes cannot take a patch, so ComfyUI's patch-and-backup is never used for them.
+
+    Saving (core's ModelSave / CheckpointSave) is refused with :class:`Krea2Error`: the stored weights are packed
+    blocks, which the host would write as ``weight`` tensors, and a LoRA lives only at cast time, so it would be
+    lost. Hosts reach the save two ways: 0.3.6x loads with ``force_patch_weights`` and reads the model's state
+    dict; 0.33 calls the patcher's ``state_dict_for_saving``. Both stop here."""
 
     def _krea2_cast_time(self) -> bool:
         return True
+
+    def _krea2_refuse_save(self):
+        inner = getattr(self.model, "diffusion_model", None)
+        name = os.path.basename(getattr(inner, "source_name", None) or "") or "this GGUF model"
+        raise Krea2Error(
+            f"{name}: a GGUF Krea 2 MODEL cannot be saved (ModelSave / CheckpointSave): its weights are packed "
+            "quantized blocks, which would be written as if they were weights, and a LoRA on it is applied at run "
+            "time only, so it would be lost. To save a checkpoint (a LoRA baked in), load the safetensors release "
+            "of the model with Krea2ModelLoader and save that; the GGUF MODEL samples as usual.")
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, *args, **kwargs):
+        if force_patch_weights:  # only checkpoint saving (and LoRA extraction) asks for weights with patches written in
+            self._krea2_refuse_save()
+        return super().load(device_to, lowvram_model_memory, force_patch_weights, *args, **kwargs)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False, *args, **kwargs):
+        if force_patch_weights:
+            self._krea2_refuse_save()
+        return super().partially_load(device_to, extra_memory, force_patch_weights, *args, **kwargs)
+
+    def state_dict_for_saving(self, *args, **kwargs):
+        self._krea2_refuse_save()
+
+    def model_state_dict_for_saving(self, *args, **kwargs):
+        self._krea2_refuse_save()
 
 
 

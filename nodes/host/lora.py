@@ -33,13 +33,13 @@ def real_weight(model, key: str):
     """The float32 value of the model's weight ``key`` (canonical name) as the layer computes with it:
     ComfyUI's quantized tensors dequantized and scaled-fp8 weights multiplied by their scale (the host's own
     ``convert_*`` function), not the raw stored numbers."""
-    import comfy.model_patcher
+    from .internals import key_weight
     module_name = key.rsplit(".", 1)[0]
     mod = model.model.diffusion_model.get_submodule(module_name)
     if getattr(mod, "gguf_qtype", None) is not None:  # GGUF bytes: their values, not the bytes as numbers
         from ...krea2_model.formats.gguf_dequant import dequantize
         return dequantize(mod.weight.detach(), mod.gguf_qtype, mod.gguf_shape, torch.float32)
-    w, _, convert = comfy.model_patcher.get_key_weight(model.model, "diffusion_model." + key)
+    w, _, convert = key_weight(model.model, "diffusion_model." + key)
     if hasattr(w, "dequantize"):
         w = w.dequantize()
     w = w.detach().to(torch.float32, copy=True)

@@ -19,7 +19,7 @@ import comfy.utils
 
 from ...krea2_model import CanonicalCheckpoint, Krea2Transformer
 from ...krea2_model.errors import read_error
-from ...krea2_model.formats.transformer_file import _fix_shape as fix_shape
+from ...krea2_model.formats.transformer_file import fix_shape
 from .model_config import WEIGHT_DTYPES, Krea2ModelConfig, weight_dtype_options  # noqa: F401
 from .patcher import patcher_class
 from .compat import takes
@@ -131,8 +131,10 @@ def _load_model(path, weight_dtype, model_options, disable_dynamic):
 
 
 def is_krea2_model(model) -> bool:
-    """True for our MODEL and for core's native Krea 2 MODEL."""
+    """True for our MODEL and for core's native Krea 2 MODEL (its own ``BaseModel`` class, where the host has one)."""
+    from .internals import native_krea2_class
     inner = getattr(getattr(model, "model", None), "diffusion_model", None)
     if isinstance(inner, Krea2Transformer):
         return True
-    return type(inner).__module__.endswith("krea2.model") or type(model.model).__name__ == "Krea2"
+    native = native_krea2_class()
+    return native is not None and isinstance(getattr(model, "model", None), native)

@@ -44,7 +44,7 @@ class HostKrea2Transformer(Krea2Transformer):
         ext = comfy.patcher_extension
         wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, opts)
         run = ext.WrapperExecutor.new_class_executor(self._forward, self, wrappers)
-        return run.execute(x, timesteps, context, attention_mask, ref_latents, opts, **kwargs)
+        return self.check_finite(run.execute(x, timesteps, context, attention_mask, ref_latents, opts, **kwargs), opts)
 
     def references_without_method(self, ref_latents) -> None:
         # Native Krea 2 has no default method and ignores such references; so do we, but say so, once per model.

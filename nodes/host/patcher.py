@@ -29,6 +29,8 @@ import torch
 import comfy.lora
 import comfy.model_patcher as _mp
 
+from .internals import adopt_patcher, key_weight, low_vram_patch_class, patch_weight_arguments
+
 log = logging.getLogger("krea2")
 
 
@@ -60,7 +62,7 @@ def _add_low_rank(weight, patch) -> bool:
     return True
 
 
-class CastTimePatch(_mp.LowVramPatch):
+class CastTimePatch(low_vram_patch_class()):
     """ComfyUI's ``LowVramPatch``, marked as installed by :class:`Krea2ModelPatcher` (so only ours are
     taken off again). Called on every forward with the freshly cast compute copy of the weight (which
     ComfyUI copies whenever a weight function is set, so in-place updates are safe): plain low-rank
@@ -70,9 +72,15 @@ class CastTimePatch(_mp.LowVramPatch):
 
     krea2_cast_time = True
 
+    def __init__(self, key, patches, convert_func=None, set_func=None):
+        super().__init__(key, patches, convert_func, set_func)
+        #: a quantized or scaled weight (the host's convert / set functions): the host's own maths, always. Our own
+        #: flag: the host's ``convert_func`` attribute is marked for removal (0.33)
+        self.krea2_host_maths = convert_func is not None or set_func is not None
+
     def __call__(self, weight):
         if weight.dtype not in _FLOATS or getattr(self, "prepared_patches", None) is not None \
-                or self.convert_func is not None or self.set_func is not None:
+                or self.krea2_host_maths:
             return super().__call__(weight)
         for p in self.patches[self.key]:
             if not _add_low_rank(weight, p):
@@ -128,8 +136,7 @@ class Krea2ModelPatcher(_mp.ModelPatcher):
                          "device, so no second copy of the model is kept)", self._krea2_cast_count)
 
     def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
-        opts = dict(zip(("inplace_update", "return_weight", "force_cast"), args))
-        opts.update(kwargs)
+        opts = patch_weight_arguments(key, device_to, args, kwargs)
         if opts.get("return_weight") or opts.get("force_cast") or key not in self.patches \
                 or not self._krea2_cast_time():
             return super().patch_weight_to_device(key, device_to, *args, **kwargs)
@@ -139,7 +146,7 @@ class Krea2ModelPatcher(_mp.ModelPatcher):
             module = self.model.get_submodule(module_name)
         except AttributeError:
             module = None
-        weight, set_func, convert_func = _mp.get_key_weight(self.model, key)
+        weight, set_func, convert_func = key_weight(self.model, key)
         if attr is None or module is None or not hasattr(module, attr) or weight is None:
             # plain parameters (norm scales, modulation tables: small): ComfyUI's ordinary patch-and-backup
             return super().patch_weight_to_device(key, device_to, *args, **kwargs)
@@ -163,7 +170,7 @@ class Krea2ModelPatcher(_mp.ModelPatcher):
                 fns = getattr(m, attr, None)
                 if not fns:
                     continue
-                core = {getattr(f, "key", None) for f in fns if isinstance(f, _mp.LowVramPatch) and not _is_ours(f)}
+                core = {getattr(f, "key", None) for f in fns if isinstance(f, low_vram_patch_class()) and not _is_ours(f)}
                 if core and any(_is_ours(f) and f.key in core for f in fns):
                     setattr(m, attr, [f for f in fns if not (_is_ours(f) and f.key in core)])
         return out
@@ -174,9 +181,7 @@ def adopt(patcher):
     ``ModelPatcher`` (core's native Krea 2 MODEL, a clone made for a LoRA): the subclass has no state of
     its own, so this changes only how that clone applies patches. Other patcher classes (the dynamic
     one, other packs' subclasses) are left alone."""
-    if type(patcher) is _mp.ModelPatcher:
-        patcher.__class__ = Krea2ModelPatcher
-    return patcher
+    return adopt_patcher(patcher, Krea2ModelPatcher)
 
 
 def patcher_class(default_cls, load_device):

@@ -229,3 +229,34 @@ def test_dora_on_gguf_reads_the_dequantized_weights(gh):
     print(f"GGUF DoRA: rel vs dequantized model {rel(got, want):.2e}, DoRA effect {rel(got, plain):.2e}")
     assert rel(got, plain) > 1e-3, "the DoRA changed nothing"
     assert rel(got, want) <= 1e-5, rel(got, want)
+
+
+def test_core_save_nodes_refuse_a_gguf_model_clearly_and_sampling_goes_on(gh):
+    """Core's ModelSave and CheckpointSave on our GGUF MODEL (with a LoRA): a clear refusal naming the file, never a
+    file of packed blocks written as weights without the LoRA; the same MODEL samples afterwards."""
+    from host_api import ExecutionError
+
+    wf = graph("gguf_before_save", loras=[(LORA, 0.8)], seed=7)
+    run(gh, wf)  # the MODEL loaded (and cached), so the save meets an already loaded model too
+    lora = [next(k for k, n in wf.items() if n["class_type"] == "Krea2LoraLoader"), 0]
+    clip = [nodes_of(wf, "Krea2TextEncoderLoader")[0][0], 0]
+    save_dir = os.path.join(gh.output_dir, "checkpoints")
+    before = set(glob.glob(os.path.join(gh.output_dir, "**", "*.safetensors"), recursive=True))
+    saves = {
+        "ModelSave": {"model": lora, "filename_prefix": "checkpoints/krea2_gguf_saved"},
+        "CheckpointSave": {"model": lora, "clip": clip, "vae": ["901", 0],
+                           "filename_prefix": "checkpoints/krea2_gguf_ckpt"},
+    }
+    for cls, inputs in saves.items():
+        save = copy.deepcopy(wf)
+        save["901"] = {"class_type": "VAELoader", "inputs": {"vae_name": A.VAE}}
+        save["902"] = {"class_type": cls, "inputs": inputs}
+        with pytest.raises(ExecutionError) as e:
+            run(gh, save)
+        text = str(e.value)
+        assert MODEL in text and "cannot be saved" in text and "LoRA" in text, text
+    after = set(glob.glob(os.path.join(gh.output_dir, "**", "*.safetensors"), recursive=True))
+    assert after == before, f"a save wrote {sorted(after - before)} in {save_dir}"
+    run(gh, graph("gguf_after_save", loras=[(LORA, 0.8)], seed=7))
+    assert torch.equal(read_latent(saved(gh, "gguf_after_save", ".latent")),
+                       read_latent(saved(gh, "gguf_before_save", ".latent")))

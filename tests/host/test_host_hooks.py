@@ -113,8 +113,8 @@ def plain(host, side, cfg=1.0, batch=1, negative=NEGATIVE):
 
 
 def check_case(host, case, min_move=1e-3, base_kw=None, **kw):
-    """Ours == native within 1e-5 with the node; the node moves both sides by more than ``min_move``
-    against the same graph without it (``base_kw``: that graph's arguments, default the plain graph)."""
+    """Ours == native bit for bit with the node (the README's claim); the node moves both sides by more than
+    ``min_move`` against the same graph without it (``base_kw``: that graph's arguments, default the plain graph)."""
     got = {side: final(host, side, f"hooks_{case}_{side}", **kw) for side in ("ours", "native")}
     if base_kw is None:
         base = {side: plain(host, side, kw.get("cfg", 1.0), kw.get("batch", 1), kw.get("negative", NEGATIVE))
@@ -124,8 +124,8 @@ def check_case(host, case, min_move=1e-3, base_kw=None, **kw):
     moved = {side: rel(got[side], base[side]) for side in got}
     MOVED[case] = (moved["ours"], moved["native"], rel(got["ours"], got["native"]))
     print(f"{case}: ours vs native {MOVED[case][2]:.2e}; moved ours {moved['ours']:.3f}, native {moved['native']:.3f}")
-    assert rel(base["ours"], base["native"]) <= 1e-5
-    assert rel(got["ours"], got["native"]) <= 1e-5, MOVED[case]
+    assert torch.equal(base["ours"], base["native"]), rel(base["ours"], base["native"])
+    assert torch.equal(got["ours"], got["native"]), MOVED[case]
     assert moved["native"] > min_move and moved["ours"] > min_move, MOVED[case]
     return got
 
@@ -326,6 +326,40 @@ def test_int8_tensorwise_file_computes_what_native_computes(nh):
     check_case(nh, "int8_tensorwise", model_name=INT8)
 
 
+LORA = "krea2_interop_lora.safetensors"
+
+
+def test_int8_with_a_lora_is_closer_to_full_precision_than_native(nh):
+    """ComfyUI's int8 style-reference template puts a LoRA on int8 weights with core's LoraLoaderModelOnly. Native
+    patches the int8 weight and quantizes the patched weight again; ours keeps the int8 weight and adds the LoRA to
+    its dequantized compute copy. So the two differ (not bit for bit, unlike the plain int8 graph), and ours lands
+    closer to the same LoRA on the full-precision weights (the README's row gives these figures)."""
+    from krea2_model.tiny import lora as tiny_lora
+    path = os.path.join(nh.models_dir, "loras", LORA)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lo = tiny_lora.make_lora(A.INTEROP_CFG, "comfy", seed=41, rank=4)
+        save_file({k: v.clone().contiguous() for k, v in lo.state_dict.items()}, path, metadata=lo.metadata or None)
+    lora = [("LoraLoaderModelOnly", {"lora_name": LORA, "strength_model": 1.0})]
+    got = {side: final(nh, side, f"hooks_int8_lora_{side}", model_nodes=lora, model_name=INT8)
+           for side in ("ours", "native")}
+    full = final(nh, "native", "hooks_fp32_lora_native", model_nodes=lora)
+    full_ours = final(nh, "ours", "hooks_fp32_lora_ours", model_nodes=lora)
+    plain_int8 = final(nh, "ours", "hooks_int8_nolora_ours", model_name=INT8)
+    r = {"fp32_ours_vs_native": rel(full_ours, full),
+         "ours_vs_native": rel(got["ours"], got["native"]), "ours_vs_full": rel(got["ours"], full),
+         "native_vs_full": rel(got["native"], full), "lora_moved": rel(got["ours"], plain_int8)}
+    MOVED["int8_lora"] = (r["lora_moved"], None, r["ours_vs_native"])
+    print("int8 + LoRA: ours vs native {ours_vs_native:.4f}; vs the fp32 graph with the LoRA: ours {ours_vs_full:.4f},"
+          " native {native_vs_full:.4f}; the LoRA moves ours {lora_moved:.3f}; fp32 + LoRA ours vs native "
+          "{fp32_ours_vs_native:.1e}".format(**r))
+    # on full-precision weights both apply the same LoRA (ours at cast time: another rounding order, so not bit for bit)
+    assert rel(full_ours, full) <= 1e-5, rel(full_ours, full)
+    assert r["lora_moved"] > 1e-2                  # the LoRA is really applied
+    assert r["ours_vs_native"] > 1e-4              # the documented difference is there
+    assert r["ours_vs_full"] < r["native_vs_full"], r
+
+
 def test_forward_is_natives_bit_for_bit_and_attention_overrides_act_on_both(nh, tmp_path):
     """attention_check.py: one forward of each MODEL on the fp32 file and on each of ComfyUI's per-layer
     quantized formats the host writes (int8_tensorwise, int8 ConvRot, convrot_w4a4, float8, nvfp4, mxfp8; 7 and
@@ -345,7 +379,7 @@ def test_forward_is_natives_bit_for_bit_and_attention_overrides_act_on_both(nh, 
         for case, d in cases.items():
             print(f"{name}, {case}: ours vs native max |diff| {d['max_diff']:.1e}, bit for bit {d['bitwise']}"
                   + ("" if name == "fp32" else f"; the format moves the output by {d['moved']:.4f}"))
-            assert d["max_diff"] <= 1e-6, (name, case, d)
+            assert d["bitwise"], (name, case, d)  # the claim: native's bits, not merely close
             assert name == "fp32" or d["moved"] > 1e-3, (name, case, d)  # the quantized layers really ran
     o = res["override"]
     layers = c.text_layerwise_blocks + c.text_refiner_blocks + c.layers
@@ -360,7 +394,7 @@ def test_forward_is_natives_bit_for_bit_and_attention_overrides_act_on_both(nh, 
 
 def test_torch_compile_model_runs_ours_compiled_and_equals_native(nh, tmp_path):
     """compile_check.py: core's TorchCompileModel path (set_torch_compile_wrapper, inductor) on both MODELs.
-    Ours compiles to as few graphs as native's (here: one, native many, with graph breaks)."""
+    Ours compiles to one graph without breaks (native: many, with graph breaks)."""
     c = A.INTEROP_CFG
     res = host_script(nh, tmp_path, "compile_check.py", model=os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
                       ctx_width=c.text_taps * c.text_dim, backend="inductor")
@@ -369,7 +403,8 @@ def test_torch_compile_model_runs_ours_compiled_and_equals_native(nh, tmp_path):
           f"{res['native']['graphs']} (breaks {res['native']['breaks']}); compiled vs plain ours "
           f"{rel(t['ours']['compiled'], t['ours']['plain']):.1e}; compiled ours vs native "
           f"{rel(t['ours']['compiled'], t['native']['compiled']):.1e}")
-    assert res["ours"]["graphs"] >= 1 and res["native"]["graphs"] >= 1  # the compiled forward ran
-    assert res["ours"]["graphs"] <= res["native"]["graphs"]
+    assert res["native"]["graphs"] >= 1  # the compiled forward ran
+    # the README's claim: ours traces to one graph without a break, the host's wrapper chain included
+    assert res["ours"]["graphs"] == 1 and res["ours"]["breaks"] == 0, res["ours"]
     assert rel(t["ours"]["compiled"], t["native"]["compiled"]) <= 1e-4
     assert rel(t["ours"]["compiled"], t["ours"]["plain"]) <= 1e-4

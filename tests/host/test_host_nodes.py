@@ -570,3 +570,68 @@ def test_core_lora_loader_works_on_our_model_for_native_keys(h):
     a = read_latent(saved(h, "lora_ours_native", ".latent"))
     b = read_latent(saved(h, "lora_core_native", ".latent"))
     assert rel(b, a) <= 1e-5
+
+
+def test_model_listing_uses_the_hosts_cached_lists_and_survives_a_symlink_cycle(h, tmp_path):
+    """The loaders' file lists walked every model folder again on every listing, following symlinks (a cycle
+    listed the tree over and over). Now: the host's cached file lists (nothing walked while no folder changed, a
+    new file seen), one entry per real file, diffusers folders one level deep."""
+    root = tmp_path / "models"
+    root.mkdir()
+    res = host_script(h, tmp_path, "listing_check.py", root=str(root))
+    inner = "krea2_diffusers/transformer/diffusion_pytorch_model.safetensors"  # a file the host lists itself
+    want = ["a.safetensors", "c.gguf", inner, "sub/b.gguf", "krea2_diffusers/"]
+    assert res["first"] == want, res["first"]
+    assert res["second"] == want and res["walks_second"] == [], res
+    assert res["third"] == ["a.safetensors", "c.gguf", "d.gguf", inner, "sub/b.gguf", "krea2_diffusers/"], res["third"]
+    assert res["resolved"] == str(root / "diffusion_models" / "sub" / "b.gguf")
+
+
+def test_each_host_internal_we_rely_on_works_as_the_adapter_says(h, tmp_path):
+    """``nodes/host/internals.py`` is the one place the pack touches ComfyUI internals; each use runs here on each
+    host: the host's key lookup, its patch_weight_to_device signature (bound by its own names), its LowVramPatch
+    (our cast-time patch computes what it computes), the patcher class switch on a plain clone only, and native
+    Krea 2 found by its own classes (0.33) or absent (0.3.64), never by module-name substrings."""
+    native = None
+    if h.native_krea2:
+        if not getattr(h, "_krea2_interop", None):
+            h._krea2_interop = A.make_interop_assets(str(h.models_dir))
+        native = os.path.join(h.models_dir, "diffusion_models", A.INTEROP)
+    res = host_script(h, tmp_path, "internals_check.py", model=os.path.join(h.models_dir, "diffusion_models", A.TURBO),
+                      native_model=native, text_encoder=os.path.join(h.models_dir, "text_encoders", A.TEXT))
+    assert h.version in res["checked_on"], (h.version, res["checked_on"])
+    assert res["key_weight"] == {"is_param": True, "set": True, "convert": True}, res
+    p = res["patch_args"]
+    assert p["key"] and p["device_to"] and p["inplace_update"], p
+    assert {"key", "device_to", "inplace_update"} <= set(p["names"]), p
+    lv = res["low_vram_patch"]
+    assert lv["is_host_class"] and lv["ours_vs_host"] <= 1e-6 and lv["moved"] > 1e-4, lv
+    assert res["adopt"] == {"clone": "Krea2ModelPatcher", "original": "ModelPatcher", "same": True,
+                            "subclass_untouched": "Krea2ModelPatcher"}, res["adopt"]
+    assert res["native"]["ours"] and res["text"]["ours"] and not res["text"]["ours_is_core"], res
+    if h.native_krea2:
+        assert res["native"]["class"] == "Krea2" and res["native"]["native"] and res["native"]["native_is_class"], res
+        assert res["text"]["class"] == "Krea2TEModel", res
+    else:
+        assert res["native"]["class"] is None and res["text"]["class"] is None, res
+
+
+def test_a_damaged_model_file_gets_one_message_naming_it_and_the_step(h):
+    """A weights file with a few non-finite values in its data loads; the graph's first NaN velocity gets one
+    warning naming the file, the step of the host's schedule and the likely causes; the next sample gets its own."""
+    from krea2_model.tiny import transformer as tiny
+    name = "krea2_damaged_data.safetensors"
+    path = os.path.join(h.models_dir, "diffusion_models", name)
+    if not os.path.exists(path):
+        sd = A.transformer_state(1)
+        sd["blocks.0.mlp.down.weight"].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+        tiny.write(sd, path, "comfy")
+    count = lambda: h.log_text().count(f"{name} returned NaN or infinite values")  # noqa: E731
+    before = count()
+    for seed in (1, 2):
+        wf = latent_variant(small(load_api("krea2_turbo_text_to_image.json"), seed=seed, steps=3), f"damaged_{seed}")
+        nodes_of(wf, "Krea2ModelLoader")[0][1]["inputs"]["model_name"] = name
+        run(h, wf)
+    said = [line for line in h.log_text().splitlines() if f"{name} returned NaN" in line]
+    assert count() - before == 2, said[-4:]  # one per sample, not one per step
+    assert "at step 1 of 3" in said[-1] and "damaged" in said[-1] and "fp16" in said[-1], said[-1]

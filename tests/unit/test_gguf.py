@@ -245,8 +245,9 @@ def test_text_encoder_gguf_conditioning_equals_dequantized_safetensors(tmp_path,
     path = str(tmp_path / f"qwen3vl_{qtype}.gguf")
     used = tiny_gguf.write_text(path, "gguf", qtype, seed=2)
     enc = load_text_encoder(path)
-    assert enc.model.embed_tokens.weight.dtype == (torch.uint8 if used["token_embd.weight"] not in
-                                                   ("F32", "F16", "BF16") else enc.model.embed_tokens.weight.dtype)
+    stored = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    # block-quantized: kept packed (uint8); a float type: kept as the file stores it
+    assert enc.model.embed_tokens.weight.dtype == stored.get(used["token_embd.weight"], torch.uint8), used
     assert _packed_modules(enc.model)
     ref = load_text_encoder(_save(_reference_state_dict(path, llama_cpp_to_canonical),
                                   str(tmp_path / "ref.safetensors")))
@@ -411,3 +412,15 @@ def test_tiny_gguf_generator_cli(tmp_path):
     f = GGUFFile(str(tmp_path / "krea2_gguf_Q5_K.gguf"))
     assert f.arch == "krea2" and {t.type_name for t in f.tensors.values()} == {"F32", "Q5_K"}
     assert (tmp_path / "qwen3vl_gguf_Q5_K.gguf").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_damaged_metadata_field_is_named_not_read_as_absent(tmp_path, transformer_gguf):
+    """``general.architecture`` with bytes that are not UTF-8: an error naming the file and the field (it used to
+    read as an absent field, so the file loaded as if it had no architecture)."""
+    data = open(transformer_gguf, "rb").read()
+    at = data.index(b"krea2", data.index(b"general.architecture"))
+    p = tmp_path / "bad_field.gguf"
+    p.write_bytes(data[:at] + b"\xff\xfe\xfd\xfc\xfb" + data[at + 5:])
+    with pytest.raises(Krea2FileError, match="general.architecture") as e:
+        load_transformer(str(p))
+    assert str(p) in str(e.value) and "damaged" in str(e.value)

@@ -15,7 +15,7 @@ import torch
 
 from krea2_model import (Krea2FileError, MissingTensorsError, NotKrea2Error, PickleRefusedError, ShapeMismatchError,
                          TokenizerNotFoundError, load_text_encoder)
-from krea2_model.model.attention import attention, set_attention_backend
+from krea2_model.model.attention import attention
 from krea2_model.errors import QuantFormatError, WrongTextEncoderError
 from krea2_model.text.prompt import PREFIX, SUFFIX, build_prompt_ids, prefix_length
 from krea2_model.text.tokenizer import find_tokenizer, load_tokenizer
@@ -181,13 +181,6 @@ def test_attention_causal_and_key_mask(h, hkv, with_mask, causal):
     want = naive_attention(q, k, v, mask, causal)
     got = attention(q, k, v, mask, is_causal=causal) if causal else attention(q, k, v, mask)
     assert rel(got, want) <= 1e-5
-    seen = []
-    set_attention_backend(lambda q_, k_, v_, m: (seen.append(m), naive_attention(q_, k_, v_, m))[1])
-    try:
-        assert rel(attention(q, k, v, mask, is_causal=causal), want) <= 1e-5
-    finally:
-        set_attention_backend(None)
-    assert (seen[0] is None) == (not causal and not with_mask)
 
 
 def test_causal_gqa_without_sdpa_enable_gqa(monkeypatch):
@@ -204,10 +197,15 @@ def test_type_error_inside_attention_is_raised_and_switches_nothing_off(monkeypa
     """The GQA fast path is chosen from torch's version, once: a TypeError raised inside the kernel call is
     the caller's error (raised), never a reason to switch the fast path off for the rest of the process."""
     att = sys.modules["krea2_model.model.attention"]
-    assert att.SDPA_HAS_GQA == (tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5))
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, n, 7, 16, generator=g) for n in (8, 2, 2))
     real = att.F.scaled_dot_product_attention
+    try:  # what this torch's kernel really takes, asked of the kernel (not of its version number)
+        real(q, k, v, is_causal=True, enable_gqa=True)
+        takes_gqa = True
+    except TypeError:
+        takes_gqa = False
+    assert att.SDPA_HAS_GQA == takes_gqa
     calls = []
 
     def failing(*a, **kw):
@@ -678,3 +676,12 @@ def test_templated_prompt_span_finds_the_prompt_in_another_tokenizers_ids():
     assert templated_prompt_span(prompt + suffix) is None           # no template around it
     assert templated_prompt_span(ids[:-1]) is None                  # no assistant suffix
     assert templated_prompt_span([t if t != USER_ID else 1 for t in ids]) is None  # second turn is not the user's
+
+
+def test_attention_has_no_process_wide_switch():
+    """``set_attention_backend`` was exported and documented but never used: a process-wide switch would route every
+    model's attention (a host's and another pack's alike). A host's attention is per model (``attention_backend``)."""
+    import krea2_model
+    att = sys.modules["krea2_model.model.attention"]
+    assert not hasattr(krea2_model, "set_attention_backend") and not hasattr(att, "set_attention_backend")
+    assert not hasattr(att, "_backend")

@@ -237,3 +237,38 @@ def test_seeded_sampling_is_reproducible_and_the_seed_matters(pair):
     others = {tuple(ours.generate_ids("a cat", seed=s, **kw)) for s in (1, 2, 3, 4)}
     assert len(others | {tuple(a)}) > 1
     assert isinstance(ours.generate("a cat", seed=7, **kw), str)
+
+
+def _single_file_vl(vcfg):
+    from krea2_model.tiny.text import random_state_dict, random_vision_state_dict
+    cfg = CONFIGS["tiny"]
+    out = {"model.language_model." + k: v for k, v in random_state_dict(cfg, 1).items()}
+    out.update({"model.visual." + k: v for k, v in random_vision_state_dict(vcfg).items()})
+    return out
+
+
+def test_a_tower_whose_width_cannot_take_qwens_16_heads_is_named(tok_dir):
+    """A single file does not record the vision head count: a 32-wide tower cannot have 16 heads (head size 2; the
+    rotary embedding needs a multiple of 4). Images get that reason and the way out (an HF folder's config.json),
+    not a tensor-size error from deep inside; text still encodes."""
+    from krea2_model.text.vision import Qwen3VisionConfig
+    vcfg = Qwen3VisionConfig(hidden=32, depth=2, heads=4, mlp_hidden=48, out_hidden=CONFIGS["tiny"].hidden,
+                             positions=16, deepstack=(0,))
+    enc = load_text_encoder(_single_file_vl(vcfg), tokenizer=tok_dir, dtype=torch.float32)
+    assert enc.encode("a", taps=TAPS).shape[1] > 0
+    with pytest.raises(ConditioningError) as e:
+        enc.encode("a", images=[image(32, 32, 0)], taps=TAPS)
+    msg = str(e.value)
+    assert "32 wide" in msg and "16 attention heads" in msg and "config.json" in msg
+
+
+def test_assumed_deepstack_layers_of_an_unknown_tower_are_logged(tok_dir, caplog):
+    import logging
+    from krea2_model.text.vision import Qwen3VisionConfig
+    caplog.set_level(logging.WARNING, "krea2")
+    vcfg = Qwen3VisionConfig(hidden=64, depth=3, heads=16, mlp_hidden=96, out_hidden=CONFIGS["tiny"].hidden,
+                             positions=16, deepstack=(0, 1))
+    load_text_encoder(_single_file_vl(vcfg), tokenizer=tok_dir, dtype=torch.float32)
+    said = [r.getMessage() for r in caplog.records if r.name == "krea2" and "DeepStack" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "3 blocks" in said[0] and "[0, 1]" in said[0] and "16 attention heads" in said[0] and "config.json" in said[0]
