@@ -1,4 +1,4 @@
-"""The design notes the code cites are in the repository (issue 21: code and tests cited a DESIGN.md that was not)."""
+"""The design notes the code cites are in the repository (issue 21: code and tests cited a design file that was not)."""
 
 import os
 import re
