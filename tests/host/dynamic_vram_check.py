@@ -40,30 +40,11 @@ cm = pack("nodes.host.model")
 cc = pack("nodes.host.clip")
 cl = pack("nodes.host.lora")
 
-_read = comfy.utils.load_torch_file
-LAZY = [0]
+# the same emulation the whole-graph test installs in a server (files read with the flag off, lazily built
+# Linear layers counted); importing it patches comfy.utils.load_torch_file and the Linear constructor
+import dynamic_vram_emulation as emulation  # noqa: E402
 
-
-def read_with_flag_off(*args, **kwargs):
-    """Files are read as usual: aimdo's reader needs a running aimdo, which a CPU machine cannot have."""
-    was = mem.aimdo_enabled
-    mem.aimdo_enabled = False
-    try:
-        return _read(*args, **kwargs)
-    finally:
-        mem.aimdo_enabled = was
-
-
-comfy.utils.load_torch_file = read_with_flag_off
-_linear_init = comfy.ops.disable_weight_init.Linear.__init__
-
-
-def counting_init(self, *args, **kwargs):
-    _linear_init(self, *args, **kwargs)
-    LAZY[0] += self.__dict__.get("weight", 0) is None  # built lazily: no parameter until loaded
-
-
-comfy.ops.disable_weight_init.Linear.__init__ = counting_init
+LAZY = emulation._count
 
 
 @contextlib.contextmanager
