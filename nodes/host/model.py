@@ -130,6 +130,14 @@ def _load_model(path, weight_dtype, model_options, disable_dynamic):
 
 
 
+def name_source(patcher, path: str):
+    """``patcher`` with its transformer told which file it came from (named in its warnings, e.g. on NaN output)."""
+    inner = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if isinstance(inner, Krea2Transformer):
+        inner.source_name = path
+    return patcher
+
+
 def is_krea2_model(model) -> bool:
     """True for our MODEL and for core's native Krea 2 MODEL (its own ``BaseModel`` class, where the host has one)."""
     from .internals import native_krea2_class
