@@ -23,6 +23,7 @@ from ...krea2_model.formats.transformer_file import fix_shape
 from .model_config import WEIGHT_DTYPES, Krea2ModelConfig, weight_dtype_options  # noqa: F401
 from .patcher import patcher_class
 from .compat import takes
+from .weights import settle_dtypes
 
 log = logging.getLogger("krea2")
 
@@ -123,6 +124,7 @@ def _load_model(path, weight_dtype, model_options, disable_dynamic):
     else:  # older hosts: no assign argument (and no dynamic VRAM)
         model.load_model_weights(sd, "")
     del sd
+    settle_dtypes(model.diffusion_model)  # lazily built layers: the weight_dtype the user chose (see weights.py)
     log.info("Krea 2: loaded %s (%s layout, hidden %d, %d blocks, weights %s, compute %s)", os.path.basename(path),
              ck.layout, ck.config.hidden, ck.config.layers, unet_dtype, manual_cast or unet_dtype)
     return patcher

@@ -115,3 +115,23 @@ def unfilled(model: torch.nn.Module) -> list:
         if mod.__dict__.get("bias", 0) is None and getattr(mod, "comfy_need_lazy_init_bias", False):
             out.append(pre + "bias")
     return out
+
+
+def settle_dtypes(model: torch.nn.Module) -> int:
+    """Give every parameter a lazily built layer received the dtype the layer was built for. The host's lazy
+    loader assigns the file's tensors as they are (a bf16 file stays bf16 under ``weight_dtype`` fp8), where an
+    allocated layer converts them on copy; so ``weight_dtype`` (fp8 storage) would otherwise be dropped, and the
+    model would compute other numbers than with the flag off. Plain tensors only (quantized tensors keep their
+    format). Returns how many were converted."""
+    n = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            for name in ("weight", "bias"):
+                want = getattr(mod, f"{name}_comfy_model_dtype", None)
+                p = mod._parameters.get(name)
+                if want is None or p is None or type(p.data) is not torch.Tensor or p.dtype == want \
+                        or not p.is_floating_point() or p.is_meta:
+                    continue
+                setattr(mod, name, torch.nn.Parameter(p.data.to(want), requires_grad=False))
+                n += 1
+    return n
