@@ -126,6 +126,8 @@ def settle_dtypes(model: torch.nn.Module) -> int:
     n = 0
     with torch.no_grad():
         for mod in model.modules():
+            if not hasattr(mod, "comfy_need_lazy_init_bias"):  # set only by the host's lazy construction
+                continue
             for name in ("weight", "bias"):
                 want = getattr(mod, f"{name}_comfy_model_dtype", None)
                 p = mod._parameters.get(name)
