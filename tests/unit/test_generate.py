@@ -8,21 +8,19 @@ itself through ``load_text_encoder``.
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import gguf  # noqa: F401  (the GGUF reference; a test dependency)
 
 from krea2_model import load_text_encoder
 from krea2_model.formats.gguf import llama_cpp_to_canonical
 from krea2_model.text import generate as G
-from krea2_model.text import images as I
 from krea2_model.text.qwen3 import KVCache
 from krea2_model.text.tokenizer import IMAGE_PAD, VISION_END, VISION_START
 from krea2_model.tiny import gguf as tiny_gguf
+from tests.unit.test_vision import reference_generate  # the same transformers reference as the vision tests
 from krea2_model.tiny import text as tiny_text
 
 CFG = tiny_text.CONFIGS["tiny"]
@@ -56,39 +54,6 @@ def hf_model(text_sd: dict, cfg, hf_tok, vision_sd: dict | None = None):
     return full
 
 
-def processor_pixels(imgs):
-    proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                                    image_std=[0.5] * 3, do_resize=False, do_rescale=False, do_normalize=True)
-    pix, grids = [], []
-    for im in imgs:
-        rgb = I.as_rgb(im)
-        px = I.resize(rgb, I.vision_size(rgb.shape[1], rgb.shape[2]))
-        out = proc(images=[px.permute(1, 2, 0).numpy().astype(np.float32)], return_tensors="pt",
-                   input_data_format="channels_last")
-        pix.append(out["pixel_values"])
-        grids.append(out["image_grid_thw"])
-    return torch.cat(pix), torch.cat(grids)
-
-
-def reference_generate(full, hf_tok, text, imgs, new_tokens):
-    """transformers' greedy ``generate`` on the chat turn our ``generate_ids`` builds."""
-    block = VISION_START + IMAGE_PAD + VISION_END
-    prompt = "<|im_start|>user\n" + block * len(imgs) + text + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    ids = hf_tok(prompt)["input_ids"]
-    kw = {}
-    if imgs:
-        pixel_values, grid = processor_pixels(imgs)
-        counts = iter([int(t * h * w) // 4 for t, h, w in grid.tolist()])
-        pad = full.config.image_token_id
-        ids = [x for t in ids for x in ([t] * next(counts) if t == pad else [t])]
-        kw = dict(pixel_values=pixel_values, image_grid_thw=grid)
-    input_ids = torch.tensor([ids])
-    kw["mm_token_type_ids"] = (input_ids == full.config.image_token_id).int()
-    end = hf_tok.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        out = full.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                            max_new_tokens=new_tokens, eos_token_id=end, pad_token_id=end, **kw)
-    return out[0, len(ids):].tolist()
 
 
 def image(h, w, seed):

@@ -198,8 +198,9 @@ def test_large_image_is_downscaled_with_bounded_memory():
     assert float(extra) < 0.1, r.stdout
 
 
-def reference_generate(ref, hf_tok, text, imgs, new_tokens):
-    """transformers' ``generate(do_sample=False)`` on the chat turn our :meth:`generate` builds."""
+def reference_generate(full, hf_tok, text, imgs, new_tokens):
+    """transformers' ``generate(do_sample=False)`` of ``full`` (a Qwen3-VL generation model) on the chat turn our
+    :meth:`generate` builds."""
     block = VISION_START + IMAGE_PAD + VISION_END
     prompt = "<|im_start|>user\n" + block * len(imgs) + text + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     ids = hf_tok(prompt)["input_ids"]
@@ -207,15 +208,15 @@ def reference_generate(ref, hf_tok, text, imgs, new_tokens):
     if imgs:
         pixel_values, grid = processor_pixels(imgs)
         counts = iter([int(t * h * w) // 4 for t, h, w in grid.tolist()])
-        pad = ref.config.image_token_id
+        pad = full.config.image_token_id
         ids = [x for t in ids for x in ([t] * next(counts) if t == pad else [t])]
         kw = dict(pixel_values=pixel_values, image_grid_thw=grid)
     input_ids = torch.tensor([ids])
-    kw["mm_token_type_ids"] = (input_ids == ref.config.image_token_id).int()
+    kw["mm_token_type_ids"] = (input_ids == full.config.image_token_id).int()
     end = hf_tok.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
-        out = ref.generator.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                     max_new_tokens=new_tokens, eos_token_id=end, pad_token_id=end, **kw)
+        out = full.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                            max_new_tokens=new_tokens, eos_token_id=end, pad_token_id=end, **kw)
     return out[0, len(ids):].tolist()
 
 
@@ -223,7 +224,7 @@ def reference_generate(ref, hf_tok, text, imgs, new_tokens):
 def test_greedy_generation_equals_transformers_token_for_token(pair, with_image):
     ref, ours, hf_tok = pair
     imgs = [image(64, 96, 5)] if with_image else []
-    want = reference_generate(ref, hf_tok, "describe a cat", imgs, 16)
+    want = reference_generate(ref.generator, hf_tok, "describe a cat", imgs, 16)
     got = ours.generate_ids("describe a cat", imgs, max_new=16)
     assert len(want) >= 2 and got == want
 
