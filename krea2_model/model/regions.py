@@ -51,6 +51,16 @@ class RegionalPrompts:
             raise ConditioningError(f"Krea 2 regional prompt: {len(self.regions)} regions; at most {MAX_REGIONS} "
                                     "fit one conditioning. Merge regions that share a prompt into one mask.")
 
+    def attention_mask(self, base_len: int, region_lens, grid_h: int, grid_w: int, n_other_image: int, device):
+        """:func:`regional_attention_mask` for this layout, made once and reused while the layout stays the same
+        (every sampling step of an image asks for the same one)."""
+        key = (base_len, tuple(region_lens), grid_h, grid_w, n_other_image, str(device))
+        hit = getattr(self, "_mask", None)
+        if hit is None or hit[0] != key:
+            inside = token_masks(self.regions, grid_h, grid_w, device)
+            self._mask = hit = (key, regional_attention_mask(base_len, region_lens, inside, n_other_image))
+        return hit[1]
+
     def __len__(self):
         return len(self.regions)
 

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from ..errors import ConditioningError
 from .attention import attention
 from .layers import Attention, RMSNorm, SwiGLU, cast_param, ops_or_default
-from .regions import regional_attention_mask, token_masks
 from .text_cache import TextCache, stage_weights
 
 log = logging.getLogger("krea2")
@@ -628,8 +627,7 @@ class Krea2Transformer(nn.Module):
                 raise ConditioningError(f"attention_mask covers {am.shape[1]} text tokens, the sequence has {L_base}.")
             mask = torch.cat([am, am.new_ones(B, h.shape[1] - L_base)], dim=1)[:, None, None, :]
         if krea2_regions:
-            inside = token_masks(krea2_regions, gh, gw, x.device)
-            rm = regional_attention_mask(L_base, region_lens, inside, h.shape[1] - L_txt - n_target)
+            rm = krea2_regions.attention_mask(L_base, region_lens, gh, gw, h.shape[1] - L_txt - n_target, x.device)
             mask = rm if mask is None else rm & mask
 
         opts["total_blocks"] = len(self.blocks)
