@@ -5,7 +5,10 @@ values into a :class:`~krea2_model.text.qwen3.KVCache` allocated once per call; 
 against that cache, written in place (no per-token concatenation). The output head is the token embedding
 (Qwen3-VL-4B ties them), brought to the compute dtype and device once per call by :func:`output_head` (a GGUF
 table is dequantized once, a 16-bit table used as it is when that is the compute dtype), so each token costs
-one matrix product. Decoding stops after any of ``stop_ids`` (``<|im_end|>``, kept in the output) or after
+one matrix product. The layers of a GGUF tower are dequantized once per call too, as many as the free memory
+allows (:func:`default_copy_budget`, or ``copy_budget`` bytes; :class:`~krea2_model.formats.gguf_ops.call_copies`):
+dequantizing every layer for every token costs several times the product itself; layers beyond the budget still
+dequantize per token. Decoding stops after any of ``stop_ids`` (``<|im_end|>``, kept in the output) or after
 ``max_new`` tokens.
 
 Sampling (``do_sample``; :func:`sample_next`) follows ComfyUI's TextGenerate as its documentation gives the
@@ -24,10 +27,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..formats.gguf_ops import call_copies
 from .qwen3 import KVCache, Qwen3TextModel, VisionInputs, rope_tables
 
 #: positions a cache is first allocated for beyond the prompt (it doubles when a call needs more)
 FIRST_CAPACITY = 1024
+#: memory left free when the per-call layer copies are sized: at least this, and a quarter of what is free
+COPY_RESERVE = 1 << 30
+
+
+def default_copy_budget(device) -> int:
+    """Bytes the per-call dequantized layer copies of a GGUF tower may take on ``device``: what is free now, less
+    :data:`COPY_RESERVE` or a quarter of it, whichever is more (0 where the free memory is unknown)."""
+    from ..formats.gguf_ops import available_memory
+    free = available_memory(device)
+    return max(0, free - max(COPY_RESERVE, free // 4))
 
 
 def default_dtype(model: Qwen3TextModel) -> torch.dtype:
@@ -123,13 +137,14 @@ def generate(model: Qwen3TextModel, ids: list, *, vision: VisionInputs | None = 
              stop_ids=(), do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
              seed: int | None = None, dtype=None, device=None, head: torch.Tensor | None = None,
-             progress: Callable[[int], None] | None = None) -> list:
+             copy_budget: int | None = None, progress: Callable[[int], None] | None = None) -> list:
     """New token ids after prompt ``ids`` (a list of ints; image tokens described by ``vision``), at most
     ``max_new``, the stop token included when one was produced. See the module docstring for sampling.
 
     ``dtype``: the compute dtype (default :func:`default_dtype`); ``head``: the output head ``(vocab, hidden)``
     already in that dtype on ``device`` (a host's own cast of the embedding; default :func:`output_head`);
-    ``progress(n)``: called after each new token with the count so far (a host's progress bar; it may raise to
+    ``copy_budget``: bytes for the per-call copies of a GGUF tower's layers (default :func:`default_copy_budget`;
+    0 = dequantize per token); ``progress(n)``: called after each new token with the count so far (a host's progress bar; it may raise to
     interrupt)."""
     if max_new <= 0:
         return []
@@ -149,12 +164,19 @@ def generate(model: Qwen3TextModel, ids: list, *, vision: VisionInputs | None = 
     if do_sample:
         gen = torch.Generator(device=dev).manual_seed(int(seed) if seed is not None else torch.seed())
     stop = set(int(s) for s in stop_ids)
+    budget = default_copy_budget(dev) if copy_budget is None else copy_budget
+    with call_copies(model.layers, dev, dtype, budget):
+        return _decode(model, prompt, positions, next_pos, cache, vision, head, max_new, stop, dev, dtype,
+                       lambda logits, out: sample_next(logits, out, do_sample, temperature, top_k, top_p, min_p,
+                                                       repetition_penalty, presence_penalty, gen), progress)
+
+
+def _decode(model, prompt, positions, next_pos, cache, vision, head, max_new, stop, dev, dtype, pick, progress):
+    """The prefill, then one token at a time until a stop token or ``max_new`` (see :func:`generate`)."""
     out: list = []
     last = _step(model, model.embed(prompt, dtype, vision), positions, cache, vision)
     while True:
-        logits = F.linear(last, head)[0]
-        tok = sample_next(logits, out, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-                          presence_penalty, gen)
+        tok = pick(F.linear(last, head)[0], out)
         out.append(tok)
         if progress is not None:
             progress(len(out))

@@ -24,7 +24,7 @@ from ...krea2_model.errors import Krea2Error, first_names
 from ...krea2_model.formats.text_file import TextCheckpoint
 from ...krea2_model.formats.gguf_dequant import dequantize
 from ...krea2_model.text.encoder import Krea2TextEncoder, image_token_counts
-from ...krea2_model.text.generate import FIRST_CAPACITY, cache_bytes, output_head
+from ...krea2_model.text.generate import COPY_RESERVE, FIRST_CAPACITY, cache_bytes, output_head
 from ...krea2_model.text.images import MAX_IMAGES, prepare, reference_pixels
 from ...krea2_model.text.tokenizer import IMAGE_PAD
 from ...krea2_model.text.vision import Qwen3VisionConfig, Qwen3VisionModel
@@ -131,6 +131,13 @@ class Krea2ClipModel(torch.nn.Module):
             return w
         return output_head(self.transformer, dtype, device)
 
+    @staticmethod
+    def copy_budget(device) -> int:
+        """Bytes a GGUF tower's per-call dequantized layer copies may take during generation: the host's free
+        memory on ``device`` less its inference reserve, a quarter of it, or 1 GiB, whichever is most."""
+        free = mm.get_free_memory(device)
+        return max(0, free - max(COPY_RESERVE, free // 4, mm.minimum_inference_memory()))
+
     def generate(self, tokens, do_sample=True, max_length=256, temperature=1.0, top_k=50, top_p=0.95, min_p=0.0,
                  repetition_penalty=1.0, seed=None, presence_penalty=0.0):
         """ComfyUI's ``CLIP.generate`` (TextGenerate): new token ids for the prompt stored by the tokenizer, computed
@@ -142,7 +149,8 @@ class Krea2ClipModel(torch.nn.Module):
         pbar = comfy.utils.ProgressBar(max_length)
         return self.encoder(g["tokenizer"]).generate_ids(
             g["text"], list(g["images"]), thinking=g["thinking"], template=g["template"], max_new=max_length,
-            device=dev, dtype=dtype, head=self.output_head(dtype, dev), progress=lambda n: pbar.update(1),
+            device=dev, dtype=dtype, head=self.output_head(dtype, dev), copy_budget=self.copy_budget(dev),
+            progress=lambda n: pbar.update(1),
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, seed=seed)
 

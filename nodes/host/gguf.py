@@ -28,6 +28,7 @@ from ...krea2_model import CanonicalCheckpoint
 from ...krea2_model.errors import Krea2Error, first_names
 from ...krea2_model.formats.gguf import place_tensor
 from ...krea2_model.formats.gguf_dequant import dequantize
+from ...krea2_model.formats.gguf_ops import call_weight, gguf_linear
 from ...krea2_model.formats.text_file import TextCheckpoint
 from .model_config import Krea2ModelConfig, weight_dtype_options
 from .patcher import Krea2ModelPatcher
@@ -82,8 +83,16 @@ def host_gguf_ops(base=None):
             if _run_every_op is not None:
                 _run_every_op()
             x = args[0]
-            w = _hooked(self, _dequant_weight(self, x))
+            w = call_weight(self, x)  # generation's per-call copy (hooks already applied), else cast now
+            if w is None and x.device.type == "cpu" and not getattr(self, "weight_function", None):
+                return gguf_linear(self, x, _bias(self, x.dtype, x.device))  # no patches: banded for few rows
+            if w is None:
+                w = _hooked(self, _dequant_weight(self, x))
             return F.linear(x, w, _bias(self, x.dtype, x.device))
+
+        def krea2_weight(self, device, dtype):
+            """The compute weight as :meth:`forward` makes it: dequantized, then the weight patches."""
+            return _hooked(self, _dequant_weight(self, torch.empty(0, dtype=dtype, device=device)))
 
     class Embedding(base.Embedding):
         gguf_capable = True

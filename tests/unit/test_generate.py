@@ -181,6 +181,41 @@ def test_gguf_head_is_dequantized_once_per_call_and_the_prompt_prefilled_once(tm
     assert lengths == [prompt_len] + [1] * (len(got) - 1)
 
 
+def test_gguf_layers_dequantized_once_per_call_within_the_budget(tmp_path, monkeypatch):
+    """Each GGUF layer is dequantized once per generation (not once per token) while the budget holds it; layers
+    past the budget dequantize per use; the copies are gone after the call; the tokens are the same either way."""
+    path = str(tmp_path / "q.gguf")
+    tiny_gguf.write_text(path, "gguf", "Q8_0", seed=6)
+    ours = load_text_encoder(path)
+    from krea2_model.formats import gguf_ops
+    packed = [m for m in ours.model.layers.modules() if getattr(m, "gguf_qtype", None) is not None]
+    assert len(packed) >= 7
+    calls = []
+    real = gguf_ops.gguf_weight
+
+    def counting(mod, device, dtype):
+        calls.append(mod)
+        return real(mod, device, dtype)
+
+    monkeypatch.setattr(gguf_ops, "gguf_weight", counting)
+    during = []
+    want = ours.generate_ids(PROMPT, max_new=NEW, copy_budget=0)
+    per_use = [m for m in calls if m is not ours.model.embed_tokens]
+    assert len(want) == NEW and len(per_use) == len(packed)  # no copies: the prefill's whole weights only
+    calls.clear()
+    got = ours.generate_ids(PROMPT, max_new=NEW, progress=lambda n: during.append(
+        sum("krea2_call_weight" in m.__dict__ for m in packed)))
+    assert got == want
+    assert [m for m in calls if m is not ours.model.embed_tokens] == packed  # each once, in module order
+    assert during == [len(packed)] * NEW
+    assert not any("krea2_call_weight" in m.__dict__ for m in packed)
+    size = [m.gguf_shape[0] * m.gguf_shape[1] * 4 for m in packed]  # float32 compute on the CPU
+    with gguf_ops.call_copies([ours.model.layers], "cpu", torch.float32, sum(size[:3])) as c:
+        assert (c.layers, c.bytes, c.skipped) == (3, sum(size[:3]), len(packed) - 3)
+        assert all(("krea2_call_weight" in m.__dict__) == (i < 3) for i, m in enumerate(packed))
+    assert not any("krea2_call_weight" in m.__dict__ for m in packed)
+
+
 def test_vision_tower_runs_once_per_generation(files, tok_dir):
     path, _, _ = files["bf16-full-vl"]
     ours = load_text_encoder(path, tokenizer=tok_dir, dtype=torch.float32)

@@ -424,3 +424,38 @@ def test_a_damaged_metadata_field_is_named_not_read_as_absent(tmp_path, transfor
     with pytest.raises(Krea2FileError, match="general.architecture") as e:
         load_transformer(str(p))
     assert str(p) in str(e.value) and "damaged" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K", "IQ4_XS"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_row_products_by_bands_equal_the_whole_weight(name, dtype, monkeypatch):
+    """Token-by-token generation multiplies one row at a time: on the CPU each band of output rows is dequantized
+    and multiplied in cache (``gguf_linear``) instead of writing out the whole weight. Same numbers to the bit in
+    bf16 (the generation dtype on GPUs and the benchmark's), within float32 rounding (rel 1e-6: the CPU's float32
+    kernels sum some small row counts in another order), with a bias and a last band shorter than the others, up to
+    FEW_ROWS rows; more rows take the whole-weight path."""
+    from krea2_model.formats import gguf_ops
+    rng = np.random.default_rng(11)
+    q = QTYPES[name]
+    out_f, in_f = 19, 2 * max(q.block_elems, 32)
+    raw = torch.from_numpy(np.ascontiguousarray(_reference_blocks(name, out_f, in_f, rng)).view(np.uint8))
+    layer = gguf_ops.GGUFLinear(in_f, out_f, bias=True, device="meta")
+    layer.weight = torch.nn.Parameter(raw, requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(out_f), requires_grad=False)
+    layer.gguf_qtype, layer.gguf_shape = name, (out_f, in_f)
+    monkeypatch.setattr(gguf_ops, "BAND_ELEMS", 8 * in_f)  # bands of 8 rows: 8 + 8 + 3
+    seen = []
+    real = gguf_ops.gguf_weight
+    monkeypatch.setattr(gguf_ops, "gguf_weight", lambda *a: seen.append(1) or real(*a))
+    w = dequantize(raw, name, (out_f, in_f), dtype)
+    for rows in (1, gguf_ops.FEW_ROWS, gguf_ops.FEW_ROWS + 1):
+        x = torch.randn(1, rows, in_f).to(dtype)
+        seen.clear()
+        got = layer(x)
+        assert got.shape == (1, rows, out_f) and got.dtype == dtype
+        want = torch.nn.functional.linear(x, w, layer.bias.to(dtype))
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, want), (name, rows)
+        else:
+            assert (got - want).abs().max() <= 1e-6 * want.abs().max(), (name, rows)
+        assert seen == ([1] if rows > gguf_ops.FEW_ROWS else []), rows  # the whole weight only past FEW_ROWS
