@@ -13,7 +13,13 @@ Cases, interleaved (``_common.interleave``), each run's CPU time / wall time rec
 * transformers: ``Qwen3VLForConditionalGeneration.generate(do_sample=False)`` on the very same tensors (ours is
   built from its state dict without copies), bf16;
 * ours GGUF Q8_0: the same weights written as a Q8_0 GGUF (llama.cpp names) and loaded by ``load_text_encoder``,
-  computing in bf16 (layers dequantized per call, as for the transformer; the head dequantized once per call).
+  computing in bf16: the head and, as the free memory allows (here: all), the layers dequantized once per call;
+* ours GGUF Q8_0, no copies (``copy_budget=0``): what a machine without room for the copies gets, the layers
+  dequantized per use (by cache-sized bands of rows for one-token steps).
+
+The bound: one decode step must read every weight once (memory bound at batch 1). ``bare products`` times just
+those matrix products (head and every layer weight, one bf16 row each) in the same run: no implementation of the
+same weights in the same dtype decodes faster than that, so the ratio ours / bound shows what is left to gain.
 
 Time to first token is timed as a separate one-token generation. Peak memory during generation is measured in a
 fresh process per case: the high-water RSS (VmHWM, reset through ``/proc/self/clear_refs`` after loading) minus
@@ -117,6 +123,15 @@ def write_gguf(cfg, sd, path):
     meta = {"qwen3vl.attention.layer_norm_rms_epsilon": float(cfg.eps), "qwen3vl.rope.freq_base": float(cfg.rope_theta)}
     write({canonical_to_llama_cpp(k): v.float() if v.ndim == 1 else v for k, v in sd.items()}, path, "qwen3vl",
           lambda n: "F32" if n.endswith("norm.weight") else "Q8_0", metadata=meta)
+
+
+def bare_products(weights, steps):
+    """``steps`` decode steps' worth of matrix products alone: each 2-D weight times one bf16 row."""
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    with torch.no_grad():
+        for _ in range(steps):
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
 
 
 def head_costs(model, reps=3) -> dict:
@@ -234,44 +249,56 @@ def main():
         "ours bf16": lambda: generate(ours, ids, max_new=new),
         "transformers bf16": lambda: hf_generate(hf, ids, new),
         "ours GGUF Q8_0 (bf16 compute)": lambda: generate(gg, ids, max_new=new, dtype=torch.bfloat16),
+        "ours GGUF Q8_0, no copies": lambda: generate(gg, ids, max_new=new, dtype=torch.bfloat16, copy_budget=0),
+        "bare products": lambda: bare_products(ours_weights, new - 1),
         "ttft ours bf16": lambda: generate(ours, ids, max_new=1),
         "ttft transformers bf16": lambda: hf_generate(hf, ids, 1),
         "ttft ours GGUF Q8_0": lambda: generate(gg, ids, max_new=1, dtype=torch.bfloat16),
     }
+    ours_weights = [t for t in sd.values() if t.ndim == 2]
     for fn in (lambda: generate(ours, ids, max_new=2), lambda: hf_generate(hf, ids, 2),
                lambda: generate(gg, ids, max_new=2, dtype=torch.bfloat16)):
         fn()  # warm-up: short calls of each path
     runs = _common.Runs(a.min_cpu_ratio)
     _common.interleave(cases, a.reps, runs, warmup=0, min_kept=2, max_reps=a.max_reps)
     heads = head_costs(gg)
-    cases.clear()
-    ours = hf = gg = sd = None  # free the towers before the memory processes
+    names = list(cases)
+    cases.clear()  # the closures hold the towers
+    ours = hf = gg = sd = ours_weights = None  # free the towers before the memory processes
     mem_new = a.memory_new or new
     mem = {k: memory(k, a.layers, mem_new, gpath, tok) for k in ("ours", "hf", "gguf")}
 
-    med = {k: runs.median(k) for k in cases}
+    med = {k: runs.median(k) for k in names}
 
     def cpu_median(name):  # CPU seconds of the kept runs: fairer than wall time when other work shares the cores
         kept = sorted(c for w, c in runs.all.get(name, []) if w > 0 and c / w >= runs.min_ratio)
         return kept[len(kept) // 2] if kept else float("nan")
 
-    cpu = {k: cpu_median(k) for k in cases}
+    cpu = {k: cpu_median(k) for k in names}
     rows = []
     for name, ttft in (("ours bf16", "ttft ours bf16"), ("transformers bf16", "ttft transformers bf16"),
-                       ("ours GGUF Q8_0 (bf16 compute)", "ttft ours GGUF Q8_0")):
+                       ("ours GGUF Q8_0 (bf16 compute)", "ttft ours GGUF Q8_0"),
+                       ("ours GGUF Q8_0, no copies", "ttft ours GGUF Q8_0")):
         total, first = med[name], med[ttft]
         rows.append([name, total, first, (new - 1) / (total - first), runs.trace(name)])
+    bound = med["bare products"]
+    rows.append([f"bound: bare products of {new - 1} steps", bound, "", (new - 1) / bound, runs.trace("bare products")])
     body = _common.fmt_table(["case", f"{new} tokens s", "time to first token s", "decode tokens/s",
                               "runs: wall s (CPU/wall)"], rows)
     r_hf = med["transformers bf16"] / med["ours bf16"]
     r_ttft = med["ttft transformers bf16"] / med["ttft ours bf16"]
     r_gguf = med["ours GGUF Q8_0 (bf16 compute)"] / med["ours bf16"]
+    r_gguf0 = med["ours GGUF Q8_0, no copies"] / med["ours bf16"]
+    decode = {k: (med[k] - med[t]) / bound for k, t in (("ours bf16", "ttft ours bf16"),
+                                                         ("transformers bf16", "ttft transformers bf16"))}
     body += (f"\n\n**transformers / ours: {r_hf:.2f}x** the time for {new} tokens (target >= 1.2x); time to first "
              f"token {r_ttft:.2f}x. **GGUF Q8_0 / our bf16: {r_gguf:.2f}x** the time (target <= 1.3x). Greedy tokens "
              f"ours vs transformers (bf16, first 16): {agree}/16 equal. By CPU time: transformers / ours "
              f"{cpu['transformers bf16'] / cpu['ours bf16']:.2f}x, time to first token "
              f"{cpu['ttft transformers bf16'] / cpu['ttft ours bf16']:.2f}x, GGUF Q8_0 / bf16 "
-             f"{cpu['ours GGUF Q8_0 (bf16 compute)'] / cpu['ours bf16']:.2f}x.\n\n")
+             f"{cpu['ours GGUF Q8_0 (bf16 compute)'] / cpu['ours bf16']:.2f}x. Without room for the per-call copies "
+             f"GGUF Q8_0 / bf16 is {r_gguf0:.2f}x. Decode time / the bound (the bare products of the same steps): "
+             f"ours {decode['ours bf16']:.2f}x, transformers {decode['transformers bf16']:.2f}x.\n\n")
     mrows = []
     for k, label in (("ours", "ours bf16"), ("hf", "transformers bf16"), ("gguf", "ours GGUF Q8_0")):
         m = mem[k]

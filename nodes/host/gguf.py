@@ -34,6 +34,7 @@ from .model_config import Krea2ModelConfig, weight_dtype_options
 from .patcher import Krea2ModelPatcher
 from .weights import owner_of, slot, unfilled
 from .compat import takes
+from .internals import unload_patcher
 
 log = logging.getLogger("krea2")
 
@@ -159,6 +160,36 @@ class Krea2GGUFPatcher(Krea2ModelPatcher):
 
 
 
+class Krea2GGUFClipPatcher(Krea2GGUFPatcher):
+    """The patcher of a CLIP (text encoder) loaded from a GGUF file: weight patches (core's LoRA loaders and
+    ``add_patches``) at cast time, on the dequantized copy, as for the GGUF MODEL. Core's own CLIP patcher would
+    try to merge them into the packed bytes, find the shapes different and drop them with a log line only."""
+
+    def _krea2_refuse_save(self):
+        name = os.path.basename(getattr(self, "krea2_source", None) or "") or "this GGUF text encoder"
+        raise Krea2Error(
+            f"{name}: a CLIP loaded from a GGUF file cannot be saved (CLIPSave / CheckpointSave): its weights are "
+            "packed quantized blocks, which would be written as if they were weights, and a LoRA on it is applied at "
+            "run time only, so it would be lost. To save the text encoder (a LoRA baked in), load its safetensors "
+            "release with Krea2TextEncoderLoader and save that; the GGUF CLIP encodes and generates as usual.")
+
+
+def _gguf_clip_patcher(clip, source: str) -> Krea2GGUFClipPatcher:
+    """A :class:`Krea2GGUFClipPatcher` in place of the patcher core's CLIP made, with the same devices and the
+    settings core gives a CLIP's patcher (float32 compute, the minimum-VRAM hook mode, ``is_clip``)."""
+    old = clip.patcher
+    new = Krea2GGUFClipPatcher(clip.cond_stage_model, load_device=old.load_device, offload_device=old.offload_device)
+    if hasattr(new, "set_model_compute_dtype") and getattr(old, "model_compute_dtype", None) is not None:
+        new.set_model_compute_dtype(old.model_compute_dtype)
+    for attr in ("hook_mode", "is_clip"):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    new.krea2_source = source
+    if unload_patcher(old):  # core loaded it at once (text encoder's initial device = load device): load ours so
+        mm.load_models_gpu([new], force_full_load=True)
+    return new
+
+
 def place_all(model: torch.nn.Module, ck, what: str) -> int:
     """Every tensor of GGUF checkpoint ``ck`` into ``model``, which the host may have built lazily (no
     parameter exists yet under dynamic VRAM: see :mod:`nodes.host.weights`): each one created here, packed
@@ -221,6 +252,7 @@ def load_gguf_clip(ck: TextCheckpoint, target, n_params: int):
     clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data={}, parameters=n_params,
                          model_options={"custom_operations": host_gguf_ops(comfy.ops.manual_cast)}, **kwargs)
     packed = place_all(clip.cond_stage_model.transformer, ck, "text encoder")
+    clip.patcher = _gguf_clip_patcher(clip, path)
     log.info("Krea 2: text encoder %s (GGUF, %d layers, hidden %d, %d of %d tensors kept quantized)",
              os.path.basename(path), ck.config.layers, ck.config.hidden, packed, len(ck.keys()))
     return clip

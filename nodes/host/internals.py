@@ -70,3 +70,18 @@ def native_krea2_text_class():
     except ImportError:
         return None
     return getattr(krea2, "Krea2TEModel", None)
+
+
+def unload_patcher(patcher) -> bool:
+    """Unload ``patcher`` from the host's list of loaded models (``comfy.model_management.current_loaded_models``,
+    each entry's ``model`` and ``model_unload()``: checked on 0.33.0 and 0.3.64), before a patcher of ours replaces
+    it on the same model; True when it was loaded. Dropping a loaded patcher without this makes the host's garbage
+    check report the model as a leak."""
+    import comfy.model_management as mm
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        lm = mm.current_loaded_models[i]
+        if lm.model is patcher:
+            lm.model_unload()
+            mm.current_loaded_models.pop(i)
+            return True
+    return False

@@ -58,5 +58,12 @@ text_cls = hi.native_krea2_text_class()
 clip = cc.load_clip(spec["text_encoder"])
 res["text"] = {"class": None if text_cls is None else text_cls.__name__, "ours_is_core": cc.is_core_krea2(clip),
                "ours": cc.is_ours(clip)}
+import comfy.model_management as mm  # noqa: E402
+loaded = clip.patcher
+mm.load_models_gpu([loaded], force_full_load=True)
+was = any(lm.model is loaded for lm in mm.current_loaded_models)
+res["unload_patcher"] = {"was_loaded": was, "unloaded": hi.unload_patcher(loaded),
+                         "still_listed": any(lm.model is loaded for lm in mm.current_loaded_models),
+                         "again": hi.unload_patcher(loaded)}
 res["checked_on"] = list(hi.CHECKED_ON)
 print(json.dumps(res))

@@ -50,3 +50,25 @@ def test_our_sampler_draws_what_cores_sampler_draws(any_host, tmp_path):
         pytest.skip(f"ComfyUI {any_host.version} has no LLM sampler (comfy.text_encoders.llama.BaseGenerate.sample_token)")
     for name, r in res.items():
         assert r["same"] == r["seeds"], (name, r)
+
+
+def test_gguf_generation_copies_layers_once_per_call_with_the_patches(gh, tmp_path):  # noqa: F811
+    """On a GGUF text encoder, generation dequantizes each layer once per call (within the host's free memory)
+    instead of once per token; the copies carry the weight patches (core's ``add_patches``), so patched and plain
+    output each equal the same generation without copies, and the patch acts, as on the dequantized safetensors."""
+    import json
+    import os
+    gh.pack_dir = str(gh.custom_nodes_dir / PACK_DIRNAME)
+    gh.root = str(gh.comfy_dir)
+    res = host_script(gh, tmp_path, "gguf_generate_check.py",
+                      text_encoder=os.path.join(gh.models_dir, "text_encoders", TEXT),
+                      reference=os.path.join(gh.models_dir, "text_encoders", TEXT_REF))
+    assert res["layers"] >= 2 and res["patched_keys"] == res["layers"], res
+    assert len(res["plain_copies"]) >= 2 and res["plain_copies"] == res["plain_per_use"], res
+    assert res["lora_copies"] == res["lora_per_use"], res
+    assert res["lora_copies"] != res["plain_copies"], json.dumps(res)  # the patch acts
+    # and acts as core's patching of the same weights in a safetensors file: before, core's CLIP patcher tried to
+    # merge the patch into the packed bytes, logged a shape mismatch and dropped it
+    assert res["lora_copies"] == res["lora_reference"], json.dumps(res)
+    per_layer = 7  # q, k, v, o, gate, up, down
+    assert res["copied_layers"] == [res["layers"] * per_layer, 0] * 2, res

@@ -609,6 +609,7 @@ def test_each_host_internal_we_rely_on_works_as_the_adapter_says(h, tmp_path):
     assert res["adopt"] == {"clone": "Krea2ModelPatcher", "original": "ModelPatcher", "same": True,
                             "subclass_untouched": "Krea2ModelPatcher"}, res["adopt"]
     assert res["native"]["ours"] and res["text"]["ours"] and not res["text"]["ours_is_core"], res
+    assert res["unload_patcher"] == {"was_loaded": True, "unloaded": True, "still_listed": False, "again": False}, res
     if h.native_krea2:
         assert res["native"]["class"] == "Krea2" and res["native"]["native"] and res["native"]["native_is_class"], res
         assert res["text"]["class"] == "Krea2TEModel", res
