@@ -232,8 +232,10 @@ def test_dora_on_gguf_reads_the_dequantized_weights(gh):
 
 
 def test_core_save_nodes_refuse_a_gguf_model_clearly_and_sampling_goes_on(gh):
-    """Core's ModelSave and CheckpointSave on our GGUF MODEL (with a LoRA): a clear refusal naming the file, never a
-    file of packed blocks written as weights without the LoRA; the same MODEL samples afterwards."""
+    """Core's ModelSave, CLIPSave and CheckpointSave on our GGUF MODEL (with a LoRA) and GGUF CLIP: a clear refusal
+    naming the file, never a file of packed blocks written as weights without the LoRA; the same MODEL samples
+    afterwards. (CheckpointSave meets the GGUF text encoder or the GGUF MODEL first, depending on the host: either
+    refusal names its file.)"""
     from host_api import ExecutionError
 
     wf = graph("gguf_before_save", loras=[(LORA, 0.8)], seed=7)
@@ -246,7 +248,9 @@ def test_core_save_nodes_refuse_a_gguf_model_clearly_and_sampling_goes_on(gh):
         "ModelSave": {"model": lora, "filename_prefix": "checkpoints/krea2_gguf_saved"},
         "CheckpointSave": {"model": lora, "clip": clip, "vae": ["901", 0],
                            "filename_prefix": "checkpoints/krea2_gguf_ckpt"},
+        "CLIPSave": {"clip": clip, "filename_prefix": "text_encoders/krea2_gguf_clip"},
     }
+    names = {"ModelSave": (MODEL,), "CheckpointSave": (MODEL, TEXT), "CLIPSave": (TEXT,)}
     for cls, inputs in saves.items():
         save = copy.deepcopy(wf)
         save["901"] = {"class_type": "VAELoader", "inputs": {"vae_name": A.VAE}}
@@ -254,7 +258,7 @@ def test_core_save_nodes_refuse_a_gguf_model_clearly_and_sampling_goes_on(gh):
         with pytest.raises(ExecutionError) as e:
             run(gh, save)
         text = str(e.value)
-        assert MODEL in text and "cannot be saved" in text and "LoRA" in text, text
+        assert any(n in text for n in names[cls]) and "cannot be saved" in text and "LoRA" in text, (cls, text)
     after = set(glob.glob(os.path.join(gh.output_dir, "**", "*.safetensors"), recursive=True))
     assert after == before, f"a save wrote {sorted(after - before)} in {save_dir}"
     run(gh, graph("gguf_after_save", loras=[(LORA, 0.8)], seed=7))
