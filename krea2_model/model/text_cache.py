@@ -115,3 +115,15 @@ class TextCache:
                      fingerprint=_fingerprint(params))
         self.entries.insert(0, entry)
         del self.entries[self.size:]
+
+
+def caching_enabled(default: bool, opts: dict | None, has_backend: bool) -> bool:
+    """Whether a forward may reuse the text stage: the model's ``cache_text`` unless the options say
+    ``krea2_cache_text``; never under a host's per-call attention override (it may do anything: it sees every
+    call, as on native), autograd or compilation."""
+    enabled = default
+    if opts is not None and "krea2_cache_text" in opts:
+        enabled = bool(opts["krea2_cache_text"])
+    if has_backend and opts is not None and "optimized_attention_override" in opts:
+        enabled = False
+    return enabled and not torch.is_grad_enabled() and not torch.compiler.is_compiling()

@@ -33,9 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConditioningError
-from .attention import attention
+from . import hooks as host_hooks
+from . import references
+from .hooks import AttentionHooks
 from .layers import Attention, RMSNorm, SwiGLU, cast_param, ops_or_default
-from .text_cache import TextCache, stage_weights
+from .positions import insert_text_rows, position_ids, rope_from_ids
+from .references import REF_METHODS
+from .text_cache import TextCache, caching_enabled, stage_weights
+from .text_widths import guess_text_encoder
 
 log = logging.getLogger("krea2")
 
@@ -148,49 +153,50 @@ class Block(nn.Module):
         ``vec_ref`` (the same for t = 0) only tokens before ``ref_start``, the reference tokens taking
         ``vec_ref``. ``hooks``: the host's attention patches (:class:`AttentionHooks`) or None.
         ``inplace=False`` leaves ``x`` untouched (a block replacement may still read its input)."""
-        m = vec + cast_param(self.mod.lin, vec)
-        if vec_ref is not None:
-            m_ref = vec_ref + cast_param(self.mod.lin, vec_ref)
-            return self._forward_split(x, m.chunk(6, dim=-1), m_ref.chunk(6, dim=-1), ref_start, rope, mask, hooks,
-                                       inplace)
-        prescale, preshift, pregate, postscale, postshift, postgate = m.chunk(6, dim=-1)
-        # The arithmetic is written as native ComfyUI Krea 2's, rounding for rounding (a multiply, then an add;
-        # never a fused multiply-add): on quantized files whose layers quantize their input on the fly, a last
-        # bit of difference upstream flips a rounding there, so both models must feed every layer the same bits.
-        if not inplace or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            x = x + pregate * self.attn((1 + prescale) * self.prenorm(x) + preshift, rope, mask, hooks)
-            return x + postgate * self.mlp((1 + postscale) * self.postnorm(x) + postshift)
-        # Eager inference: the same arithmetic without fresh (L, hidden) buffers. The modulation is
-        # written over the norm's output, the gate over the layer's output, and the residual stream is
-        # updated in place (the caller's `x` is the transformer's own running sequence).
-        h = self.prenorm(x)
-        x.add_(self.attn(h.mul_(1 + prescale).add_(preshift), rope, mask, hooks).mul_(pregate))
-        h = self.postnorm(x)
-        return x.add_(self.mlp(h.mul_(1 + postscale).add_(postshift)).mul_(postgate))
-
-    def _forward_split(self, x, m, m_ref, start, rope, mask, hooks, inplace):
-        """The block with two modulations along the sequence: ``m`` for tokens ``[:start]`` (text and
-        target), ``m_ref`` for ``[start:]`` (reference tokens at t = 0). Each is the six terms
-        prescale, preshift, pregate, postscale, postshift, postgate, each ``(B, 1, hidden)``."""
-        parts = ((slice(None, start), m), (slice(start, None), m_ref))
+        m = (vec + cast_param(self.mod.lin, vec)).chunk(6, dim=-1)
+        if vec_ref is None:
+            parts = ((slice(None), m),)
+        else:  # text and target take vec, the reference tokens [ref_start:] vec_ref
+            m_ref = (vec_ref + cast_param(self.mod.lin, vec_ref)).chunk(6, dim=-1)
+            parts = ((slice(None, ref_start), m), (slice(ref_start, None), m_ref))
+        # Eager inference updates the residual stream in place (the caller's `x` is the transformer's own running
+        # sequence) and modulates over the norm's output: no fresh (L, hidden) buffers. Same numbers either way.
         fresh = not inplace or torch.is_grad_enabled() or torch.compiler.is_compiling()
+        x = _gated_add(x, 2, self.attn(_modulate(self.prenorm(x), 0, 1, parts, fresh), rope, mask, hooks), parts, fresh)
+        return _gated_add(x, 5, self.mlp(_modulate(self.postnorm(x), 3, 4, parts, fresh)), parts, fresh)
 
-        def modulate(h, scale, shift):
-            if fresh:
-                return torch.cat([(1 + t[scale]) * h[:, sl] + t[shift] for sl, t in parts], dim=1)
-            for sl, t in parts:  # over the norm's own output, segment by segment
-                h[:, sl].mul_(1 + t[scale]).add_(t[shift])
-            return h
 
-        def gated_add(x, gate, y):
-            if fresh:
-                return x + torch.cat([t[gate] * y[:, sl] for sl, t in parts], dim=1)
-            for sl, t in parts:
-                y[:, sl].mul_(t[gate])
-            return x.add_(y)
+# The block's arithmetic, written as native ComfyUI Krea 2's, rounding for rounding (a multiply, then an add; never a
+# fused multiply-add): on quantized files whose layers quantize their input on the fly, a last bit of difference
+# upstream flips a rounding there, so both models must feed every layer the same bits. ``parts``: ``(tokens,
+# terms)`` pairs, the six modulation terms (prescale, preshift, pregate, postscale, postshift, postgate, each
+# ``(B, 1, hidden)``) for a slice of the sequence; ``fresh``: new tensors instead of in-place updates.
+def _modulate(h, scale: int, shift: int, parts, fresh: bool):
+    """``(1 + scale) * h + shift`` per part."""
+    if fresh:
+        if len(parts) == 1:
+            t = parts[0][1]
+            return (1 + t[scale]) * h + t[shift]
+        return torch.cat([(1 + t[scale]) * h[:, sl] + t[shift] for sl, t in parts], dim=1)
+    if len(parts) == 1:
+        t = parts[0][1]
+        return h.mul_(1 + t[scale]).add_(t[shift])
+    for sl, t in parts:
+        h[:, sl].mul_(1 + t[scale]).add_(t[shift])
+    return h
 
-        x = gated_add(x, 2, self.attn(modulate(self.prenorm(x), 0, 1), rope, mask, hooks))
-        return gated_add(x, 5, self.mlp(modulate(self.postnorm(x), 3, 4)))
+
+def _gated_add(x, gate: int, y, parts, fresh: bool):
+    """``x + gate * y`` per part (``y``, the layer's own output, takes the gate in place when not ``fresh``)."""
+    if fresh:
+        if len(parts) == 1:
+            return x + parts[0][1][gate] * y
+        return x + torch.cat([t[gate] * y[:, sl] for sl, t in parts], dim=1)
+    if len(parts) == 1:
+        return x.add_(y.mul_(parts[0][1][gate]))
+    for sl, t in parts:
+        y[:, sl].mul_(t[gate])
+    return x.add_(y)
 
 
 class LastLayer(nn.Module):
@@ -213,103 +219,6 @@ def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(1e4) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
     args = (sigma.float() * 1000.0)[:, None, None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def position_ids(text_len: int, grids) -> torch.Tensor:
-    """``(text_len + sum(h*w), 3)`` float64 RoPE positions ``(index, row, col)``: text at (0, 0, 0), then
-    one row-major grid per ``(index, grid_h, grid_w)`` in ``grids`` (the target is index 0; reference
-    image i is index i, on its own grid counted from 0)."""
-    parts = [torch.zeros(text_len, 3, dtype=torch.float64)]
-    for index, gh, gw in grids:
-        rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)
-        cols = torch.arange(gw, dtype=torch.float64).repeat(gh)
-        parts.append(torch.stack([torch.full_like(rows, float(index)), rows, cols], dim=-1))
-    return torch.cat(parts)
-
-
-def rope_from_ids(cfg: Krea2Config, ids: torch.Tensor, device) -> tuple:
-    """``(cos, sin, cis)`` for position ids ``(L, 3)``: cos/sin ``(L, head_dim/2)`` float32, the three
-    axes' angles side by side (:attr:`Krea2Config.rope_axes`), ``cis = cos + i sin`` complex64. Angles
-    are formed in float64 (as the reference) before the cast."""
-    ids = ids.to(torch.float64).cpu()
-    angles = []
-    for axis, d in enumerate(cfg.rope_axes):
-        omega = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        angles.append(ids[:, axis, None] * omega[None, :])
-    a = torch.cat(angles, dim=-1)
-    cos, sin = a.cos().float().to(device), a.sin().float().to(device)
-    return cos, sin, torch.complex(cos, sin)
-
-
-def rope_tables(cfg: Krea2Config, text_len: int, grid_h: int, grid_w: int, device) -> tuple:
-    """:func:`rope_from_ids` for text and one target grid (no references)."""
-    return rope_from_ids(cfg, position_ids(text_len, [(0, grid_h, grid_w)]), device)
-
-
-#: ``reference_latents_method`` values (ComfyUI's FluxKontextMultiReferenceLatentMethod). All of them give
-#: reference i the positions (i, row, col); "index_timestep_zero" also modulates reference tokens with t = 0.
-REF_METHODS = ("index", "offset", "uxo", "index_timestep_zero")
-
-
-class AttentionHooks:
-    """The host's attention patches for one forward, called as native ComfyUI Krea 2 calls them.
-
-    ``patches["attn1_patch"]``: ``fn(q, k, v, pe=..., attn_mask=..., extra_options=...)`` with q ``(B, H, L, D)``,
-    k, v ``(B, Hkv, L, D)`` after the q/k norms, before RoPE and before any K/V head repeat; it returns a
-    dict that may replace ``q``, ``k``, ``v``, ``pe``, ``attn_mask``. ``pe`` is given in ComfyUI's layout
-    ``(B, 1, L, D/2, 2, 2)`` (rotation matrices ``[[cos, -sin], [sin, cos]]``), built once per forward
-    and only when such a patch is set. ``patches["attn1_output_patch"]``: ``fn(out, extra_options)`` with
-    ``out (B, L, H*D)`` before the output gate. ``extra_options`` is a copy of the forward's
-    transformer_options at the current block (``block_index``, ``img_slice``, ...).
-
-    ``backend``: the attention function, ``fn(q, k, v, mask, transformer_options)`` with the :func:`attention`
-    contract plus the forward's live options (a host's own attention choice and its per-call overrides,
-    see :attr:`Krea2Transformer.attention_backend`); None: :func:`attention`."""
-
-    def __init__(self, patches: dict, options: dict, backend=None, rope_fn=None):
-        self.qkv = list(patches.get("attn1_patch", ()))
-        self.out = list(patches.get("attn1_output_patch", ()))
-        self.options = options
-        self.backend = backend
-        self.rope_fn = rope_fn
-        self._pe = None  # (our rope, its host-layout twin)
-
-    def attend(self, q, k, v, mask):
-        if self.backend is None:
-            return attention(q, k, v, mask)
-        return self.backend(q, k, v, mask, self.options)
-
-    def apply_rope(self, q, k, rope):
-        """``q (B, H, L, D)``, ``k (B, Hkv, L, D)`` rotated by the host's ``rope_fn(q, k, pe)`` (see
-        :attr:`Krea2Transformer.rope_backend`), with ``pe`` in the host's layout."""
-        return self.rope_fn(q, k, self._host_pe(rope, q.shape[0]))
-
-    def _host_pe(self, rope, batch):
-        if self._pe is None or self._pe[0] is not rope:
-            cos, sin = rope[0], rope[1]
-            pe = torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))   # (L, D/2, 2, 2)
-            self._pe = (rope, pe.expand(batch, 1, *pe.shape).contiguous())
-        return self._pe[1]
-
-    def on_qkv(self, q, k, v, rope, mask):
-        extra = dict(self.options)
-        pe = None if rope is None else self._host_pe(rope, q.shape[0])
-        given = pe
-        for fn in self.qkv:
-            got = fn(q, k, v, pe=pe, attn_mask=mask, extra_options=extra)
-            q, k, v = got.get("q", q), got.get("k", k), got.get("v", v)
-            pe, mask = got.get("pe", pe), got.get("attn_mask", mask)
-        if pe is not given:  # a patch moved the positions: rotate with its matrices
-            rope = None if pe is None else (pe[..., 0, 0], pe[..., 1, 0])
-            if pe is not None:
-                self._pe = (rope, pe)  # a host rope function gets the patch's own matrices
-        return q, k, v, rope, mask
-
-    def on_out(self, out):
-        extra = dict(self.options)
-        for fn in self.out:
-            out = fn(out, extra)
-        return out
 
 
 class Krea2Transformer(nn.Module):
@@ -394,12 +303,7 @@ class Krea2Transformer(nn.Module):
         False`` or ``transformer_options["krea2_cache_text"] = False``.
         """
         opts = transformer_options
-        enabled = self.cache_text
-        if opts is not None and "krea2_cache_text" in opts:
-            enabled = bool(opts["krea2_cache_text"])
-        if self.attention_backend is not None and opts is not None and "optimized_attention_override" in opts:
-            enabled = False  # a per-call attention override may do anything: it sees every call, as on native
-        if not enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not caching_enabled(self.cache_text, opts, self.attention_backend is not None):
             return self.encode_text(context, mask, opts)
         # keyed on the attention backend too: the host's attention choice is part of what was computed
         key = (self._compute_dtype(context), self.attention_backend_key())
@@ -454,29 +358,8 @@ class Krea2Transformer(nn.Module):
         return lat.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p), gh, gw
 
     def reference_tokens(self, ref_latents, batch: int):
-        """Reference latents -> ``(tokens (batch, n, C*p*p), [(gh, gw), ...])``, every reference patchified on
-        its own grid and repeated (or cut) to ``batch``. A reference is ``(b, C, H, W)`` or ``(b, C, T, H, W)``
-        (T frames, each one image); any size."""
-        tokens, grids = [], []
-        cfg = self.config
-        for i, ref in enumerate(ref_latents, 1):
-            what = f"reference latent {i} of {len(ref_latents)}"
-            if ref.ndim not in (4, 5) or ref.shape[1] != cfg.channels:
-                raise ConditioningError(f"Krea 2 {what} must have {cfg.channels} channels (Wan21 latent format, "
-                                        f"(batch, {cfg.channels}, height, width) or (batch, {cfg.channels}, frames, "
-                                        f"height, width)), got shape {tuple(ref.shape)}. Encode the reference image "
-                                        "with the Qwen-Image / Wan 2.1 VAE.")
-            if ref.ndim == 5:
-                ref = ref.transpose(1, 2).flatten(0, 1)
-            if ref.shape[0] != batch:
-                if ref.shape[0] > batch:
-                    ref = ref[:batch]
-                else:
-                    ref = ref.repeat(-(-batch // ref.shape[0]), 1, 1, 1)[:batch]
-            tok, gh, gw = self.patchify(ref, what)
-            tokens.append(tok)
-            grids.append((gh, gw))
-        return torch.cat(tokens, dim=1), grids
+        """:func:`references.reference_tokens` with this model's patchify."""
+        return references.reference_tokens(self.patchify, self.config.channels, ref_latents, batch)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x, sigma, context, attention_mask=None, transformer_options=None, *, ref_latents=None,
@@ -528,75 +411,34 @@ class Krea2Transformer(nn.Module):
 
     def _forward(self, x, sigma, context, attention_mask=None, ref_latents=None, transformer_options=None,
                  ref_latents_method=None, krea2_regions=None, **kwargs):
+        """The forward as the maths reads: inputs to tokens, time, text stage, the sequence ``[text | target |
+        references]`` with its mask and positions, the blocks, the final layer on the target."""
         cfg = self.config
         if kwargs:
             self.ignored_inputs(kwargs)
-        # ComfyUI's host hooks are read from transformer_options, all here and in the block loop below:
-        # patches["post_input"], patches["attn1_patch"], patches["attn1_output_patch"] (AttentionHooks),
-        # patches_replace["dit"][("single_block", i)]. The blocks see a per-call copy carrying
-        # total_blocks, block_type, img_slice and block_index; every other key passes through.
-        opts = {} if transformer_options is None else dict(transformer_options)
-        patches = opts.get("patches") or {}
-        replace = (opts.get("patches_replace") or {}).get("dit") or {}
+        opts, patches, replace = host_hooks.read(transformer_options)  # every host hook, read here only
 
         frames = None
         if x.ndim == 5:  # Wan21 latents (B, C, T, H, W): each of the T frames is one image
             frames = (x.shape[0], x.shape[2])
             x = x.transpose(1, 2).flatten(0, 1)
         B, C, H, W = x.shape
-        p = cfg.patch
-        in_dtype = x.dtype
-        dt = self._compute_dtype(x)
-        img, gh, gw = self.patchify(x)
+        in_dtype, dt = x.dtype, self._compute_dtype(x)
+        img, gh, gw = self.patchify(x)                                     # (B, gh*gw, C*p*p)
         n_target = img.shape[1]
-
-        ref_grids, t0 = (), False
-        if ref_latents_method is None:
-            ref_latents_method = self.default_ref_method
-        if ref_latents is not None and len(ref_latents) > 0 and ref_latents_method is None:
-            self.references_without_method(ref_latents)
-            ref_latents = None
-        if ref_latents is not None and len(ref_latents) > 0:
-            if ref_latents_method not in ("index", "index_timestep_zero") and \
-                    ref_latents_method != getattr(self, "_warned_method", None):
-                self._warned_method = ref_latents_method  # once, not at every step
-                if ref_latents_method in REF_METHODS:  # "offset", "uxo"
-                    log.warning("Krea 2: ref_latents_method %r places the references as 'index' does (reference i "
-                                "at positions (i, row, col)), as native ComfyUI Krea 2 does: Krea 2 has no placement "
-                                "of its own for %r.", ref_latents_method, ref_latents_method)
-                else:
-                    log.warning("Krea 2: unknown ref_latents_method %r; references are placed as 'index' (one of %s "
-                                "was expected)", ref_latents_method, ", ".join(REF_METHODS))
-            refs, ref_grids = self.reference_tokens([r.to(x.device) for r in ref_latents], B)
+        refs, ref_grids, t0 = self._references(x, ref_latents, ref_latents_method, B, opts)
+        if refs is not None:
             img = torch.cat([img, refs], dim=1)
-            t0 = ref_latents_method == "index_timestep_zero"
-            opts["reference_image_num_tokens"] = [a * b for a, b in ref_grids]
+        sigma, context, attention_mask = _per_image(sigma, context, attention_mask, B, frames)
 
-        if frames is not None and frames[1] > 1:
-            # per-sample inputs of a 5-D latent follow its flattening (sample-major: sample b's frames are rows
-            # b*T .. b*T+T-1), so each frame keeps its own sample's time, prompt and mask
-            n, T = frames
-            sigma = sigma.repeat_interleave(T) if sigma.ndim == 1 and sigma.shape[0] == n else sigma
-            if context.shape[0] == n and n > 1:
-                context = context.repeat_interleave(T, dim=0)
-            if attention_mask is not None and attention_mask.shape[0] == n and n > 1:
-                attention_mask = attention_mask.repeat_interleave(T, dim=0)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(B)
-        elif sigma.shape[0] != B:  # one time per sample of a 5-D latent: one per frame
-            sigma = sigma.repeat_interleave(B // sigma.shape[0])
-        if context.shape[0] != B:
-            context = context.expand(B, *context.shape[1:]) if context.shape[0] == 1 else context.repeat(
-                B // context.shape[0], *[1] * (context.ndim - 1))
-            if attention_mask is not None and attention_mask.shape[0] != B:
-                attention_mask = attention_mask.repeat(B // attention_mask.shape[0], 1)
-
+        # time: the shared modulation vector (and the one for t = 0, for "index_timestep_zero" references)
         img = self.first(img.to(dt))
         t = self.tmlp(timestep_embedding(sigma.to(x.device), cfg.time_dim).to(dt))
         vec = self.tproj(t)
         vec_ref = self.tproj(self.tmlp(timestep_embedding(torch.zeros_like(sigma, device=x.device),
                                                           cfg.time_dim).to(dt))) if t0 else None
 
+        # text stage (cached per conditioning), the host's post_input, regional prompts' own text
         am = None
         if attention_mask is not None:
             am = attention_mask.to(device=x.device, dtype=torch.bool)
@@ -605,7 +447,8 @@ class Krea2Transformer(nn.Module):
         rope = None
         if "post_input" in patches:
             rope = self.rope(txt.shape[1], gh, gw, x.device, ref_grids)
-            img, txt, rope = self._post_input(patches["post_input"], img, txt.clone(), rope, gh, gw, ref_grids, opts)
+            img, txt, rope = host_hooks.post_input(cfg, patches["post_input"], img, txt.clone(), rope, gh, gw,
+                                                   ref_grids, opts)
         L_base = txt.shape[1]
         region_lens = ()
         if krea2_regions:  # regional prompts (regions.py): each prompt through its own text stage, after the base
@@ -614,11 +457,12 @@ class Krea2Transformer(nn.Module):
             region_lens = tuple(t.shape[1] for t in parts)
             txt = torch.cat([txt, *parts], dim=1)
             if rope is not None:  # a post_input patch gave positions: region text sits at text's (0, 0, 0)
-                rope = _insert_text_rows(rope, L_base, sum(region_lens))
+                rope = insert_text_rows(rope, L_base, sum(region_lens))
         L_txt = txt.shape[1]
         if rope is None:
             rope = self.rope(L_txt, gh, gw, x.device, ref_grids)
 
+        # the sequence [text | target | references] and who attends to whom
         h = torch.cat([txt, img], dim=1)
         del txt, img
         mask = None
@@ -630,104 +474,74 @@ class Krea2Transformer(nn.Module):
             rm = krea2_regions.attention_mask(L_base, region_lens, gh, gw, h.shape[1] - L_txt - n_target, x.device)
             mask = rm if mask is None else rm & mask
 
+        h = self._blocks(h, vec, rope, mask, vec_ref, L_txt + n_target if t0 else None, L_txt, patches, replace, opts)
+        out = self.last(h[:, L_txt:L_txt + n_target], t)   # the target only: references are inputs
+        return self._unpatchify(out, B, C, H, W, gh, gw, frames).to(in_dtype)
+
+    def _references(self, x, ref_latents, method, batch, opts):
+        """``(tokens or None, grids, t0)`` for the reference latents (see :mod:`.references`); ``t0``: whether
+        they are modulated at t = 0."""
+        if method is None:
+            method = self.default_ref_method
+        if ref_latents is None or len(ref_latents) == 0:
+            return None, (), False
+        if method is None:
+            self.references_without_method(ref_latents)
+            return None, (), False
+        self._warned_method = references.warn_placement(method, getattr(self, "_warned_method", None))
+        tokens, grids = self.reference_tokens([r.to(x.device) for r in ref_latents], batch)
+        opts["reference_image_num_tokens"] = [a * b for a, b in grids]
+        return tokens, grids, method == "index_timestep_zero"
+
+    def _blocks(self, h, vec, rope, mask, vec_ref, ref_start, L_txt, patches, replace, opts):
+        """Every block over the sequence ``h (B, L, hidden)``, with the host's attention patches and block
+        replacements (:mod:`.hooks`)."""
         opts["total_blocks"] = len(self.blocks)
         opts["block_type"] = "single"
         opts["img_slice"] = [L_txt, h.shape[1]]
-        hooks = None
-        if patches.get("attn1_patch") or patches.get("attn1_output_patch") or self.attention_backend is not None \
-                or self.rope_backend is not None:
-            hooks = AttentionHooks(patches, opts, self.attention_backend, self.rope_backend)
-        ref_start = L_txt + n_target if t0 else None
+        hooks = host_hooks.attention_hooks(patches, opts, self.attention_backend, self.rope_backend)
         # a block replacement may keep the tensors it is given or returns (a cache): with any replacement set, every
         # block updates out of place (as native does); the in-place residual is only for a forward without one
-        inplace = not any(isinstance(k, tuple) and k[:1] == ("single_block",) for k in replace)
+        inplace = not host_hooks.replaces_blocks(replace)
         for i, blk in enumerate(self.blocks):
             opts["block_index"] = i
             fn = replace.get(("single_block", i))
             if fn is None:
                 h = blk(h, vec, rope, mask, hooks, vec_ref, ref_start, inplace=inplace)
             else:
-                h = self._replaced_block(fn, blk, h, vec, rope, mask, hooks, vec_ref, ref_start, opts)
-        out = self.last(h[:, L_txt:L_txt + n_target], t)   # the target only: references are inputs
+                h = host_hooks.replaced_block(fn, blk, h, vec, rope, mask, hooks, vec_ref, ref_start, opts)
+        return h
 
-        out = out.view(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * p, gw * p)
-        out = out[:, :, :H, :W].to(in_dtype)
-        if frames is not None:
-            out = out.unflatten(0, frames).transpose(1, 2)
-        return out
+    def _unpatchify(self, out, B, C, H, W, gh, gw, frames):
+        """Target tokens ``(B, gh*gw, C*p*p)`` -> the latent ``(B, C, H, W)`` (padding cropped), or 5-D again."""
+        p = self.config.patch
+        out = out.view(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * p, gw * p)[:, :, :H, :W]
+        return out.unflatten(0, frames).transpose(1, 2) if frames is not None else out
 
     def references_without_method(self, ref_latents) -> None:
         """Reference latents came with no method and there is no :attr:`default_ref_method`: an error here;
         a host adapter may instead ignore them with a warning, as its native model ignores them."""
-        raise ConditioningError(
-            f"{len(ref_latents)} reference latent(s) given without ref_latents_method; give one of "
-            f"{', '.join(REF_METHODS)} (ComfyUI: FluxKontextMultiReferenceLatentMethod).")
-
-    def _post_input(self, fns, img, txt, rope, gh, gw, ref_grids, opts):
-        """ComfyUI's ``patches["post_input"]``: each ``fn({"img", "txt", "img_ids", "txt_ids",
-        "transformer_options"})`` returns that dict, possibly with new tokens or positions. Ids are
-        ``(B, L, 3)`` float32 as native passes them; changed ids rebuild RoPE (one set for the batch)."""
-        B = img.shape[0]
-        ids = position_ids(txt.shape[1], ((0, gh, gw),) + tuple((i, a, b) for i, (a, b) in enumerate(ref_grids, 1)))
-        ids = ids.to(device=img.device, dtype=torch.float32)
-        img_ids = ids[txt.shape[1]:].expand(B, -1, -1)
-        txt_ids = ids[:txt.shape[1]].expand(B, -1, -1)
-        given = (img_ids, txt_ids)
-        for fn in fns:
-            got = fn({"img": img, "txt": txt, "img_ids": img_ids, "txt_ids": txt_ids, "transformer_options": opts})
-            img, txt, img_ids, txt_ids = got["img"], got["txt"], got["img_ids"], got["txt_ids"]
-        if img_ids is not given[0] or txt_ids is not given[1]:
-            new = torch.cat([txt_ids, img_ids], dim=1)
-            if not bool((new == new[:1]).all()):
-                raise ConditioningError("a post_input patch gave each sample its own position ids; Krea 2 "
-                                        "takes one set of positions for the whole batch.")
-            rope = rope_from_ids(self.config, new[0], img.device)
-        return img, txt, rope
-
-    def _replaced_block(self, fn, blk, h, vec, rope, mask, hooks, vec_ref, ref_start, opts):
-        """A block replaced through ``patches_replace["dit"][("single_block", i)]`` (the Flux convention):
-        ``fn(args, {"original_block": block})`` with ``args`` = ``img`` (the whole ``(B, L, hidden)``
-        sequence, text first), ``vec``, ``pe``, ``attn_mask``, ``transformer_options`` (plus ``vec_ref``
-        and ``ref_start`` for t = 0 references); returns a dict whose ``img`` is the block's output.
-        The original block runs out of place here: the replacement may still read ``args["img"]``."""
-        def original(args):
-            return {"img": blk(args["img"], args["vec"], args["pe"], args.get("attn_mask"), hooks,
-                               args.get("vec_ref"), args.get("ref_start"), inplace=False)}
-
-        args = {"img": h, "vec": vec, "pe": rope, "attn_mask": mask, "transformer_options": opts,
-                "vec_ref": vec_ref, "ref_start": ref_start}
-        return fn(args, {"original_block": original})["img"]
+        raise references.without_method(ref_latents)
 
 
-def _insert_text_rows(rope, at: int, n: int):
-    """RoPE tables with ``n`` rows at text position (0, 0, 0) (angle 0) inserted before row ``at``."""
-    cos, sin, cis = rope
-    one = cos.new_ones(n, cos.shape[-1])
-    zero = sin.new_zeros(n, sin.shape[-1])
-    cos = torch.cat([cos[..., :at, :], one.expand(*cos.shape[:-2], n, -1), cos[..., at:, :]], dim=-2)
-    sin = torch.cat([sin[..., :at, :], zero.expand(*sin.shape[:-2], n, -1), sin[..., at:, :]], dim=-2)
-    return cos, sin, torch.complex(cos, sin)
-
-
-_KNOWN_TEXT_WIDTHS = {
-    768: "a CLIP-L encoder (SD1.x / Flux pooled)",
-    1024: "an SD2 / OpenCLIP-H encoder",
-    1280: "an OpenCLIP-G encoder (SDXL)",
-    2048: "an SDXL dual CLIP encoder",
-    2304: "a Gemma-2 2B encoder (Lumina 2)",
-    2560: "a single Qwen3 4B layer (Z-Image, or a Qwen3-VL encoder without Krea's layer taps)",
-    3584: "a Qwen2.5-VL 7B encoder (Qwen-Image)",
-    4096: "a T5-XXL encoder (Flux, SD3) or an 8B LLM",
-    4608: "the Hunyuan Video text encoder",
-    12288: "a Flux.2 / Mistral encoder",
-}
-
-
-def guess_text_encoder(width: int) -> str:
-    """One sentence on which text encoder a conditioning of this width probably came from."""
-    name = _KNOWN_TEXT_WIDTHS.get(int(width))
-    if name:
-        return f"A width of {width} looks like {name}."
-    if width and width % 2560 == 0:
-        return f"A width of {width} is {width // 2560} Qwen3-VL-4B taps, not this model's tap count."
-    return f"A width of {width} matches no text encoder Krea 2 knows."
+def _per_image(sigma, context, attention_mask, B: int, frames):
+    """``sigma``, ``context`` and ``attention_mask`` spread to the ``B`` images of the flattened batch. Per-sample
+    inputs of a 5-D latent follow its flattening (sample-major: sample b's frames are rows b*T .. b*T+T-1), so each
+    frame keeps its own sample's time, prompt and mask; a single prompt or time serves every image."""
+    if frames is not None and frames[1] > 1:
+        n, T = frames
+        sigma = sigma.repeat_interleave(T) if sigma.ndim == 1 and sigma.shape[0] == n else sigma
+        if context.shape[0] == n and n > 1:
+            context = context.repeat_interleave(T, dim=0)
+        if attention_mask is not None and attention_mask.shape[0] == n and n > 1:
+            attention_mask = attention_mask.repeat_interleave(T, dim=0)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(B)
+    elif sigma.shape[0] != B:  # one time per sample of a 5-D latent: one per frame
+        sigma = sigma.repeat_interleave(B // sigma.shape[0])
+    if context.shape[0] != B:
+        context = context.expand(B, *context.shape[1:]) if context.shape[0] == 1 else context.repeat(
+            B // context.shape[0], *[1] * (context.ndim - 1))
+        if attention_mask is not None and attention_mask.shape[0] != B:
+            attention_mask = attention_mask.repeat(B // attention_mask.shape[0], 1)
+    return sigma, context, attention_mask

@@ -132,14 +132,20 @@ class Krea2GGUFPatcher(Krea2ModelPatcher):
     def _krea2_cast_time(self) -> bool:
         return True
 
-    def _krea2_refuse_save(self):
+    #: what is refused, in the message: (the thing, core's save nodes, our loader of its safetensors, what goes on)
+    _krea2_saved = ("a GGUF Krea 2 MODEL", "ModelSave / CheckpointSave", "the model with Krea2ModelLoader",
+                    "the GGUF MODEL samples as usual")
+
+    def _krea2_source(self) -> str:
         inner = getattr(self.model, "diffusion_model", None)
-        name = os.path.basename(getattr(inner, "source_name", None) or "") or "this GGUF model"
+        return os.path.basename(getattr(inner, "source_name", None) or "") or "this GGUF model"
+
+    def _krea2_refuse_save(self):
+        what, nodes, loader, still = self._krea2_saved
         raise Krea2Error(
-            f"{name}: a GGUF Krea 2 MODEL cannot be saved (ModelSave / CheckpointSave): its weights are packed "
-            "quantized blocks, which would be written as if they were weights, and a LoRA on it is applied at run "
-            "time only, so it would be lost. To save a checkpoint (a LoRA baked in), load the safetensors release "
-            "of the model with Krea2ModelLoader and save that; the GGUF MODEL samples as usual.")
+            f"{self._krea2_source()}: {what} cannot be saved ({nodes}): its weights are packed quantized blocks, which "
+            "would be written as if they were weights, and a LoRA on it is applied at run time only, so it would be "
+            f"lost. To save it (a LoRA baked in), load the safetensors release of {loader} and save that; {still}.")
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, *args, **kwargs):
         if force_patch_weights:  # only checkpoint saving (and LoRA extraction) asks for weights with patches written in
@@ -158,20 +164,16 @@ class Krea2GGUFPatcher(Krea2ModelPatcher):
         self._krea2_refuse_save()
 
 
-
-
 class Krea2GGUFClipPatcher(Krea2GGUFPatcher):
     """The patcher of a CLIP (text encoder) loaded from a GGUF file: weight patches (core's LoRA loaders and
     ``add_patches``) at cast time, on the dequantized copy, as for the GGUF MODEL. Core's own CLIP patcher would
     try to merge them into the packed bytes, find the shapes different and drop them with a log line only."""
 
-    def _krea2_refuse_save(self):
-        name = os.path.basename(getattr(self, "krea2_source", None) or "") or "this GGUF text encoder"
-        raise Krea2Error(
-            f"{name}: a CLIP loaded from a GGUF file cannot be saved (CLIPSave / CheckpointSave): its weights are "
-            "packed quantized blocks, which would be written as if they were weights, and a LoRA on it is applied at "
-            "run time only, so it would be lost. To save the text encoder (a LoRA baked in), load its safetensors "
-            "release with Krea2TextEncoderLoader and save that; the GGUF CLIP encodes and generates as usual.")
+    _krea2_saved = ("a CLIP loaded from a GGUF file", "CLIPSave / CheckpointSave",
+                    "the text encoder with Krea2TextEncoderLoader", "the GGUF CLIP encodes and generates as usual")
+
+    def _krea2_source(self) -> str:
+        return os.path.basename(getattr(self, "krea2_source", None) or "") or "this GGUF text encoder"
 
 
 def _gguf_clip_patcher(clip, source: str) -> Krea2GGUFClipPatcher:
