@@ -9,6 +9,7 @@ from ..krea2_model.text.prompt import MAX_TOKENS
 from ..krea2_model.text.qwen3 import DEFAULT_TAPS
 from .files import list_files, resolve
 from .host import clip as host_clip
+from .host import clip_encode
 
 CATEGORY = "Krea 2"
 DEFAULT_TAPS_TEXT = ",".join(map(str, DEFAULT_TAPS))
@@ -68,13 +69,13 @@ class Krea2TextEncode(io.ComfyNode):
     def execute(cls, clip, text, taps=DEFAULT_TAPS_TEXT, max_tokens=MAX_TOKENS) -> io.NodeOutput:
         if clip is None:
             raise Krea2Error("Krea2TextEncode: the clip input is empty (the loader failed or was bypassed).")
-        return io.NodeOutput(host_clip.encode(clip, text, parse_taps(taps), max_tokens))
+        return io.NodeOutput(clip_encode.encode(clip, text, parse_taps(taps), max_tokens))
 
 
 class Krea2ReferenceEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        methods = list(host_clip.REFERENCE_METHODS)
+        methods = list(clip_encode.REFERENCE_METHODS)
         return io.Schema(
             node_id="Krea2ReferenceEncode", display_name="Krea 2 Reference Encode", category=CATEGORY,
             description="Reference images for Krea 2, encoded the way its edit and style-reference LoRAs were trained "
@@ -106,4 +107,4 @@ class Krea2ReferenceEncode(io.ComfyNode):
         if clip is None or vae is None:
             raise Krea2Error("Krea2ReferenceEncode: the clip and vae inputs must be connected.")
         images = [im for im in (image, image2, image3) if im is not None]
-        return io.NodeOutput(host_clip.encode_reference(clip, vae, text, images, method))
+        return io.NodeOutput(clip_encode.encode_reference(clip, vae, text, images, method))

@@ -29,6 +29,7 @@ import comfy.text_encoders.llama as llama  # noqa: E402
 import comfy.text_encoders.qwen3vl as qwen3vl  # noqa: E402
 
 cc = pack("nodes.host.clip")
+ce = pack("nodes.host.clip_encode")
 cm = pack("nodes.host.model")
 
 # -- core's size tables, shrunk to the test encoder's (see the docstring) --------------------------------
@@ -76,12 +77,12 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-res = {"core_clip": type(core.cond_stage_model).__name__, "core_is_krea2": cc.is_core_krea2(core),
+res = {"core_clip": type(core.cond_stage_model).__name__, "core_is_krea2": ce.is_core_krea2(core),
        "prompts": []}
 for text in spec["prompts"]:
     c_core = cond(core.encode_from_tokens_scheduled(core.tokenize(text)))
-    c_ours = cond(cc.encode(ours, text))
-    c_node_core = cond(cc.encode(core, text))  # Krea2TextEncode given core's CLIP
+    c_ours = cond(ce.encode(ours, text))
+    c_node_core = cond(ce.encode(core, text))  # Krea2TextEncode given core's CLIP
     r = {"text": text[:40], "core_shape": list(c_core.shape), "ours_shape": list(c_ours.shape)}
     if c_core.shape == c_ours.shape:
         r["cond_core_vs_ours"] = rel(c_core, c_ours)

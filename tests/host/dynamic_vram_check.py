@@ -38,6 +38,7 @@ import comfy.utils  # noqa: E402
 
 cm = pack("nodes.host.model")
 cc = pack("nodes.host.clip")
+ce = pack("nodes.host.clip_encode")
 cl = pack("nodes.host.lora")
 
 # the same emulation the whole-graph test installs in a server (files read with the flag off, lazily built
@@ -112,7 +113,7 @@ def text_case(path, with_image):
             except Exception as e:
                 out["on" if flag else "off"] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-        side = {"cond": cc.encode(clip, "a red fox in the snow")[0][0].flatten().tolist(), "lazy_layers": lazy}
+        side = {"cond": ce.encode(clip, "a red fox in the snow")[0][0].flatten().tolist(), "lazy_layers": lazy}
         tokens = clip.tokenize("a red fox")
         try:
             side["generated"] = [int(t) for t in clip.generate(tokens, do_sample=False, max_length=4)]

@@ -19,6 +19,7 @@ import comfy.sd  # noqa: E402
 hi = pack("nodes.host.internals")
 cm = pack("nodes.host.model")
 cc = pack("nodes.host.clip")
+ce = pack("nodes.host.clip_encode")
 cp = pack("nodes.host.patcher")
 res = {}
 
@@ -56,8 +57,8 @@ if spec.get("native_model"):
     res["native"]["native_is_class"] = isinstance(native.model, native_cls)
 text_cls = hi.native_krea2_text_class()
 clip = cc.load_clip(spec["text_encoder"])
-res["text"] = {"class": None if text_cls is None else text_cls.__name__, "ours_is_core": cc.is_core_krea2(clip),
-               "ours": cc.is_ours(clip)}
+res["text"] = {"class": None if text_cls is None else text_cls.__name__, "ours_is_core": ce.is_core_krea2(clip),
+               "ours": ce.is_ours(clip)}
 import comfy.model_management as mm  # noqa: E402
 loaded = clip.patcher
 mm.load_models_gpu([loaded], force_full_load=True)
