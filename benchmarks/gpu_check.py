@@ -371,9 +371,9 @@ def _text_case(torch, pack, a, spec):
 def _host(arg):
     if arg:
         return arg
-    sys.path.insert(0, os.path.join(PACK, "tests", "host"))
+    sys.path.insert(0, PACK)
     try:
-        from comfy_host import find_host
+        from krea2_model.tiny.comfy_server import find_host
         found = find_host()
         return str(found) if found else None
     except Exception:

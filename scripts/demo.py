@@ -17,9 +17,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "host"))
 
-from comfy_host import ComfyHost, find_host  # noqa: E402
+from krea2_model.tiny.comfy_server import ComfyHost, find_host  # noqa: E402
 from krea2_model.tiny.host_assets import make_assets  # noqa: E402
 
 

@@ -14,7 +14,7 @@ ref_latents=None, transformer_options=None, ref_latents_method=None)``
   ``text_dim`` values, then tap 1's, ...), holding only real tokens; or with ``attention_mask``
   ``(B, seq)`` bool marking the real ones when a batch mixes prompt lengths.
 * ``ref_latents``: optional list of reference latents, each ``(b, C, H, W)`` or ``(b, C, T, H, W)`` of any
-  size, with ``ref_latents_method`` one of :data:`REF_METHODS`. The sequence is ``[text | target |
+  size, with ``ref_latents_method`` one of :data:`~.references.REF_METHODS`. The sequence is ``[text | target |
   ref_1 .. ref_N]``; reference i sits at RoPE positions ``(i, row, col)`` on its own grid;
   "index_timestep_zero" modulates reference tokens with t = 0 in every block. Only the target is returned.
 * ``transformer_options``: ComfyUI's dict; the host hooks it may carry are read in one place, the top of
@@ -38,7 +38,6 @@ from . import references
 from .hooks import AttentionHooks
 from .layers import Attention, RMSNorm, SwiGLU, cast_param, ops_or_default
 from .positions import insert_text_rows, position_ids, rope_from_ids
-from .references import REF_METHODS
 from .text_cache import TextCache, caching_enabled, stage_weights
 from .text_widths import guess_text_encoder
 

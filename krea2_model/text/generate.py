@@ -144,8 +144,8 @@ def generate(model: Qwen3TextModel, ids: list, *, vision: VisionInputs | None = 
     ``dtype``: the compute dtype (default :func:`default_dtype`); ``head``: the output head ``(vocab, hidden)``
     already in that dtype on ``device`` (a host's own cast of the embedding; default :func:`output_head`);
     ``copy_budget``: bytes for the per-call copies of a GGUF tower's layers (default :func:`default_copy_budget`;
-    0 = dequantize per token); ``progress(n)``: called after each new token with the count so far (a host's progress bar; it may raise to
-    interrupt)."""
+    0 = dequantize per token); ``progress(n)``: called after each new token with the count so far (a host's
+    progress bar; it may raise to interrupt)."""
     if max_new <= 0:
         return []
     w = model.embed_tokens.weight

@@ -1,4 +1,4 @@
-"""A real ComfyUI, started headless on the CPU as a subprocess, for the host-tier tests.
+"""A real ComfyUI, started headless on the CPU as a subprocess: the host-tier tests' and the demo's (scripts/demo.py).
 
 No mocks of ``comfy``: the host runs with its own Python (never imported into the test process),
 the pack is linked into a temporary base directory's ``custom_nodes``, and tests talk to it over
@@ -41,7 +41,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from host_api import HostAPI, HostError
+from .host_api import HostAPI, HostError
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 # Folder name the pack gets inside the temporary custom_nodes (ComfyUI's module name for it).

@@ -1,7 +1,7 @@
 """Talking to a running ComfyUI over loopback HTTP (stdlib ``urllib`` only): queue API-format workflows,
 wait for them, read their outputs, and turn the server's refusals into typed errors.
 
-:class:`HostAPI` is the HTTP half of :class:`comfy_host.ComfyHost`; it needs from the host object ``url``,
+:class:`HostAPI` is the HTTP half of :class:`~.comfy_server.ComfyHost`; it needs from the host object ``url``,
 ``client_id``, ``alive()``, ``log_tail()`` and the ``output_dir`` / ``temp_dir`` / ``input_dir`` folders.
 """
 

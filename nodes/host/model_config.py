@@ -18,6 +18,7 @@ import comfy.patcher_extension
 import comfy.supported_models_base
 
 from ...krea2_model import Krea2Config, Krea2Transformer
+from ...krea2_model.sampling import TURBO_MU
 from .attention import host_attention, host_rope
 
 log = logging.getLogger("krea2")
@@ -60,11 +61,32 @@ def _unet(krea2_config: dict, dtype=None, device=None, operations=None, **_ignor
     return HostKrea2Transformer(Krea2Config(**krea2_config), dtype=dtype, device=device, operations=operations)
 
 
+def _latents(model, refs):
+    return comfy.conds.CONDList([model.process_latent_in(r) for r in refs]) if refs else None
+
+
+def _constant(model, value):
+    return comfy.conds.CONDConstant(value)
+
+
+#: What our transformer's forward reads from the sampler, one row per input: ``(the key the host's conditioning
+#: gives, the forward's keyword, how the value is wrapped for batching, the key it needs beside it)``. The prompt
+#: (``c_crossattn``, batched row by row), the reference latents (``ref_latents``, in the model's latent space, one
+#: list per conditioning) and their method (``ref_latents_method``, only beside references: without a method the
+#: transformer uses its ``default_ref_method``, set by FluxKVCache, or ignores them with a warning), the regional
+#: prompts (``krea2_regions``: compared by identity, so batched only with the same regions).
+CONDITIONING = (
+    ("cross_attn", "c_crossattn", lambda model, v: comfy.conds.CONDRegular(v), None),
+    ("reference_latents", "ref_latents", _latents, None),
+    ("reference_latents_method", "ref_latents_method", _constant, "reference_latents"),
+    ("krea2_regions", "krea2_regions", _constant, None),
+)
+
+
 class Krea2BaseModel(comfy.model_base.BaseModel):
-    """Flow model (sigma in [0, 1], velocity) around our transformer; conditioning via ``c_crossattn``,
-    reference images via ``reference_latents`` + ``reference_latents_method`` (core's ReferenceLatent and
-    FluxKontextMultiReferenceLatentMethod), handed to the transformer as ``ref_latents`` /
-    ``ref_latents_method`` the way core hands them to its native Krea 2."""
+    """Flow model (sigma in [0, 1], velocity) around our transformer; its inputs from the conditioning as
+    :data:`CONDITIONING` lists them (core's ReferenceLatent and FluxKontextMultiReferenceLatentMethod feed the
+    reference rows, Krea2RegionalPrompt the regions)."""
 
     def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLUX, device=None):
         super().__init__(model_config, model_type, device=device, unet_model=_unet)
@@ -73,39 +95,38 @@ class Krea2BaseModel(comfy.model_base.BaseModel):
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
-        cross_attn = kwargs.get("cross_attn", None)
-        if cross_attn is not None:
-            out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
-        refs = kwargs.get("reference_latents", None)
-        if refs:
-            # without a method the transformer uses its default_ref_method (set by FluxKVCache), or ignores
-            # them with a warning (HostKrea2Transformer.references_without_method)
-            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in refs])
-            method = kwargs.get("reference_latents_method", None)
-            if method is not None:
-                out["ref_latents_method"] = comfy.conds.CONDConstant(method)
-        regions = kwargs.get("krea2_regions", None)
-        if regions is not None:  # Krea2RegionalPrompt: compared by identity, so batched only with the same regions
-            out["krea2_regions"] = comfy.conds.CONDConstant(regions)
+        for given, name, wrap, needs in CONDITIONING:
+            value = kwargs.get(given)
+            if value is None or (needs is not None and not kwargs.get(needs)):
+                continue
+            cond = wrap(self, value)
+            if cond is not None:
+                out[name] = cond
         return out
 
     def extra_conds_shapes(self, **kwargs):
-        """Reference latents as one ``[1, 16, elements / 16]`` shape, the form the host's memory estimate
-        (``memory_required``) sums alongside the noise latent."""
-        refs = kwargs.get("reference_latents", None)
+        """The reference tokens as a latent-shaped extra for the host's memory estimate (``memory_required`` sums
+        these alongside the noise latent): all references' elements as one ``[1, channels, n]``."""
+        refs = kwargs.get("reference_latents")
         if not refs:
             return {}
-        ch = self.latent_format.latent_channels
-        return {"ref_latents": [1, ch, sum(r.numel() for r in refs) // ch]}
+        channels = self.latent_format.latent_channels
+        return {"ref_latents": [1, channels, sum(r.numel() for r in refs) // channels]}
 
 
 class Krea2ModelConfig(comfy.supported_models_base.BASE):
+    """How the host sees our model. Each value from Krea 2 itself: the latents are the Wan 2.1 VAE's; a flow model
+    whose default shift is Turbo's ``mu`` (``Krea2ModelSampling`` sets Raw's resolution-aware one); activations in
+    bf16, fp16 or fp32; the memory factor core gives the same 12.9B model (it sizes the same activations); the key
+    prefixes of a single-file checkpoint. ``image_model`` names our pack's model, never core's ``krea2`` (the host
+    must not build its own for our files)."""
+
     unet_config = {"image_model": "krea2_pack"}
     unet_extra_config = {}
-    sampling_settings = {"multiplier": 1.0, "shift": 1.15}  # Turbo's mu; Krea2ModelSampling sets Raw's
     latent_format = comfy.latent_formats.Wan21
-    memory_usage_factor = 2.2
+    sampling_settings = {"multiplier": 1.0, "shift": TURBO_MU}
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    memory_usage_factor = 2.2
     vae_key_prefix = ["vae."]
     text_encoder_key_prefix = ["text_encoders."]
 
@@ -119,7 +140,7 @@ class Krea2ModelConfig(comfy.supported_models_base.BASE):
         return Krea2BaseModel(self, device=device)
 
     def clip_target(self, state_dict=None):
-        return None
+        return None  # the text encoder comes from Krea2TextEncoderLoader
 
 
 import comfy.conds  # noqa: E402  (after comfy.model_base, as core does)

@@ -9,7 +9,8 @@ dequantized, as safetensors). Our CLIP through
 template, ``CLIP.generate`` greedy; the CLIP's model loaded by the host first). Each case twice: with the host's
 copy budget (every layer dequantized once for the call, with the weight patches) and with ``copy_budget`` 0 (every
 layer dequantized per use). Patched: core's ``CLIP.add_patches`` with a ``diff`` on every layer's MLP down
-projection, also on the reference file (core's own patching of plain weights). Prints one JSON line: the token ids and the number of layers copied per case.
+projection, also on the reference file (core's own patching of plain weights). Prints one JSON line: the token ids
+and the number of layers copied per case.
 """
 
 import json
