@@ -112,7 +112,7 @@ def _level_values(idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     """4-bit level indices (uint8, any shape) -> their :data:`IQ4_LEVELS` as float32, same shape, in ``out``
     when given (``index_select``: several times faster than indexing with a tensor)."""
     flat = None if out is None else out.view(-1)
-    return torch.index_select(_levels(idx.device), 0, idx.reshape(-1).long(), out=flat).view(idx.shape)
+    return torch.index_select(_levels(idx.device), 0, idx.reshape(-1).int(), out=flat).view(idx.shape)
 
 
 def _iq4_nl(b):
@@ -175,8 +175,12 @@ def _unpack(words: torch.Tensor, shifts, bits: int) -> torch.Tensor:
     """``words (..., 1, w)`` -> ``(..., len(shifts), w)``: for each shift ``s`` the ``bits``-bit field at bit
     ``s`` of every byte of every word."""
     every_byte = 0x0101010101010101 if words.dtype == torch.int64 else 0x01010101
-    sh = _shifts(shifts, words.device, (len(shifts), 1), words.dtype)
-    return (words >> sh).bitwise_and_(((1 << bits) - 1) * every_byte)
+    if len(shifts) == 2:  # nibbles: two shifted copies stacked, measured 1.4-1.9x faster than a broadcast shift
+        w = words.squeeze(-2)
+        x = torch.stack([w >> s if s else w for s in shifts], dim=-2)
+    else:
+        x = words >> _shifts(shifts, words.device, (len(shifts), 1), words.dtype)
+    return x.bitwise_and_(((1 << bits) - 1) * every_byte)
 
 
 def _bytes(words: torch.Tensor, n: int, *shape) -> torch.Tensor:
