@@ -408,15 +408,20 @@ def dequantize(raw: torch.Tensor, qtype, shape, dtype=torch.float32) -> torch.Te
         for i, j in plan:
             out[i * q.block_elems:j * q.block_elems].view(j - i, q.block_elems).copy_(q.fn(blocks[i:j]))
         return out.reshape(shape)
-    # the super-block types: factors for a run of chunks at once, each chunk's float32 values in one buffer
-    buf = torch.empty(max(j - i for i, j in plan), q.block_elems, dtype=torch.float32, device=raw.device)
+    # the super-block types: factors for a run of chunks at once; each chunk's float32 values in one buffer
+    # (or, for a float32 result, in place)
+    f32 = dtype == torch.float32
+    buf = None if f32 else torch.empty(max(j - i for i, j in plan), q.block_elems, dtype=torch.float32,
+                                        device=raw.device)
     for g in range(0, len(plan), FACTOR_RUN):
         run = plan[g:g + FACTOR_RUN]
         first = run[0][0]
         factors = q.factors(blocks[first:run[-1][1]])
         for i, j in run:
-            part = q.fn(blocks[i:j], factors[i - first:j - first], buf[:j - i])
-            out[i * q.block_elems:j * q.block_elems].view(j - i, q.block_elems).copy_(part)
+            dest = out[i * q.block_elems:j * q.block_elems].view(j - i, q.block_elems)
+            part = q.fn(blocks[i:j], factors[i - first:j - first], dest if f32 else buf[:j - i])
+            if not f32:
+                dest.copy_(part)
     return out.reshape(shape)
 
 
