@@ -2,23 +2,26 @@
 
 A model config (``supported_models_base.BASE`` subclass), a ``BaseModel`` whose ``diffusion_model`` is our
 :class:`krea2_model.Krea2Transformer` built through ComfyUI's operations and run through the host's wrapper
-chain, and the ``weight_dtype`` options of the loader nodes. The loaders that fill them are
+chain, with the conditioning it reads in one table (:data:`INPUTS`), and the ``weight_dtype`` options of the
+loader nodes. The loaders that fill them are
 :mod:`nodes.host.model` (safetensors, folders) and :mod:`nodes.host.gguf` (GGUF); both import this module.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable, NamedTuple
 
 import torch
 
 import comfy.latent_formats
 import comfy.model_base
+import comfy.conds  # (after comfy.model_base, which imports it)
 import comfy.patcher_extension
 import comfy.supported_models_base
 
-from ...krea2_model import Krea2Config, Krea2Transformer
-from ...krea2_model.sampling import TURBO_MU
+from ...krea2_model import Krea2Config, Krea2Transformer, sampling
+from . import regions
 from .attention import host_attention, host_rope
 
 log = logging.getLogger("krea2")
@@ -61,89 +64,101 @@ def _unet(krea2_config: dict, dtype=None, device=None, operations=None, **_ignor
     return HostKrea2Transformer(Krea2Config(**krea2_config), dtype=dtype, device=device, operations=operations)
 
 
-def _latents(model, refs):
-    return comfy.conds.CONDList([model.process_latent_in(r) for r in refs]) if refs else None
+def _given(value) -> bool:
+    """A conditioning entry that is there: set, and not an empty list (of reference latents)."""
+    return value is not None and not (isinstance(value, list) and not value)
 
 
-def _constant(model, value):
-    return comfy.conds.CONDConstant(value)
+class _Input(NamedTuple):
+    """One input of our transformer's forward that comes from the conditioning."""
+    name: str                  # the forward's keyword (BaseModel passes each ``extra_conds`` entry by name)
+    source: str                # the key the host's conditioning nodes set
+    wrap: Callable             # (model, value) -> the comfy.conds object that batches it
+    needs: str | None = None   # made only when this other source is there too
+    tokens: Callable | None = None  # (model, value) -> the extra tokens, for the host's memory estimate
 
 
-#: What our transformer's forward reads from the sampler, one row per input: ``(the key the host's conditioning
-#: gives, the forward's keyword, how the value is wrapped for batching, the key it needs beside it)``. The prompt
-#: (``c_crossattn``, batched row by row), the reference latents (``ref_latents``, in the model's latent space, one
-#: list per conditioning) and their method (``ref_latents_method``, only beside references: without a method the
-#: transformer uses its ``default_ref_method``, set by FluxKVCache, or ignores them with a warning), the regional
-#: prompts (``krea2_regions``: compared by identity, so batched only with the same regions).
-CONDITIONING = (
-    ("cross_attn", "c_crossattn", lambda model, v: comfy.conds.CONDRegular(v), None),
-    ("reference_latents", "ref_latents", _latents, None),
-    ("reference_latents_method", "ref_latents_method", _constant, "reference_latents"),
-    ("krea2_regions", "krea2_regions", _constant, None),
+def _reference_tokens(model, refs) -> list:
+    # the sampler's memory estimate (BaseModel.memory_required) counts each shape it gets like the noise
+    # latent's: one sample of the latent channels, here holding every reference latent's elements
+    ch = model.latent_format.latent_channels
+    return [1, ch, sum(r.numel() for r in refs) // ch]
+
+
+#: What the forward reads from the conditioning (``_forward(x, sigma, context, ..., ref_latents,
+#: ref_latents_method, krea2_regions)``; ``c_crossattn`` arrives as ``context``), each made from what the
+#: host's nodes leave in it:
+INPUTS = (
+    # the prompt; batched only with prompts of the same length: the host's own CONDCrossAttn would repeat a
+    # shorter prompt's tokens to a common length, which in one joint attention changes the image
+    _Input("c_crossattn", "cross_attn", lambda m, v: comfy.conds.CONDRegular(v)),
+    # core's ReferenceLatent; in the model's latent space, as the noise latent is
+    _Input("ref_latents", "reference_latents",
+           lambda m, v: comfy.conds.CONDList([m.process_latent_in(r) for r in v]), tokens=_reference_tokens),
+    # FluxKontextMultiReferenceLatentMethod; without one, references follow default_ref_method (FluxKVCache
+    # sets it) or are ignored with a warning (HostKrea2Transformer.references_without_method)
+    _Input("ref_latents_method", "reference_latents_method", lambda m, v: comfy.conds.CONDConstant(v),
+           needs="reference_latents"),
+    # Krea2RegionalPrompt: compared by identity, so batched only with the same regions
+    _Input(regions.KEY, regions.KEY, lambda m, v: comfy.conds.CONDConstant(v)),
 )
 
 
 class Krea2BaseModel(comfy.model_base.BaseModel):
-    """Flow model (sigma in [0, 1], velocity) around our transformer; its inputs from the conditioning as
-    :data:`CONDITIONING` lists them (core's ReferenceLatent and FluxKontextMultiReferenceLatentMethod feed the
-    reference rows, Krea2RegionalPrompt the regions)."""
+    """Flow model (sigma in [0, 1], velocity) around our transformer. The conditioning is turned into the
+    forward's inputs by :data:`INPUTS`: the prompt, reference latents and their method (core's ReferenceLatent
+    and FluxKontextMultiReferenceLatentMethod, which native Krea 2 reads too), regional prompts."""
 
     def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLUX, device=None):
         super().__init__(model_config, model_type, device=device, unet_model=_unet)
-        # the sampler's memory estimate counts reference tokens too (see extra_conds_shapes)
-        self.memory_usage_factor_conds = ("ref_latents",)
+        self.memory_usage_factor_conds = tuple(i.name for i in INPUTS if i.tokens is not None)
 
     def extra_conds(self, **kwargs):
+        # the entries the host makes for every model first (a noise concat, a ControlNet's prompt), as it makes
+        # them; then ours, whose prompt entry replaces the host's
         out = super().extra_conds(**kwargs)
-        for given, name, wrap, needs in CONDITIONING:
-            value = kwargs.get(given)
-            if value is None or (needs is not None and not kwargs.get(needs)):
-                continue
-            cond = wrap(self, value)
-            if cond is not None:
-                out[name] = cond
+        for i in INPUTS:
+            if _given(kwargs.get(i.source)) and (i.needs is None or _given(kwargs.get(i.needs))):
+                out[i.name] = i.wrap(self, kwargs[i.source])
         return out
 
     def extra_conds_shapes(self, **kwargs):
-        """The reference tokens as a latent-shaped extra for the host's memory estimate (``memory_required`` sums
-        these alongside the noise latent): all references' elements as one ``[1, channels, n]``."""
-        refs = kwargs.get("reference_latents")
-        if not refs:
-            return {}
-        channels = self.latent_format.latent_channels
-        return {"ref_latents": [1, channels, sum(r.numel() for r in refs) // channels]}
+        """The extra tokens conditioning adds (reference latents), as shapes the host's memory estimate sums
+        alongside the noise latent's."""
+        return {i.name: i.tokens(self, kwargs[i.source]) for i in INPUTS
+                if i.tokens is not None and _given(kwargs.get(i.source))}
 
 
 class Krea2ModelConfig(comfy.supported_models_base.BASE):
-    """How the host sees our model. Each value from Krea 2 itself: the latents are the Wan 2.1 VAE's; a flow model
-    whose default shift is Turbo's ``mu`` (``Krea2ModelSampling`` sets Raw's resolution-aware one); activations in
-    bf16, fp16 or fp32; the memory factor core gives the same 12.9B model (it sizes the same activations); the key
-    prefixes of a single-file checkpoint. ``image_model`` names our pack's model, never core's ``krea2`` (the host
-    must not build its own for our files)."""
-
+    """How the host sees our model. Only our loaders make it, from the file's own config (``unet_config =
+    {"image_model": "krea2_pack", "krea2_config": ...}``); no core detection ever matches ``krea2_pack``."""
     unet_config = {"image_model": "krea2_pack"}
-    unet_extra_config = {}
+    unet_extra_config = {}  # (BASE adds UNet keys our constructor does not take)
+    # the model's conventions (docs/architecture.md): sigma in [0, 1], Qwen-Image VAE latents; the default
+    # shift is Turbo's mu, which Krea2ModelSampling replaces (Raw's depends on the image size)
+    sampling_settings = {"multiplier": 1.0, "shift": sampling.TURBO_MU}
     latent_format = comfy.latent_formats.Wan21
-    sampling_settings = {"multiplier": 1.0, "shift": TURBO_MU}
+    # compute dtypes the transformer runs in, preferred first
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    # the host plans memory for our MODEL as for native Krea 2's (same architecture, same activations; the
+    # host tier checks that both estimates agree)
     memory_usage_factor = 2.2
+    # where a saved checkpoint (CheckpointSave) puts the VAE and text encoder: the prefixes native Krea 2
+    # checkpoints use, so such a file loads in core too
     vae_key_prefix = ["vae."]
     text_encoder_key_prefix = ["text_encoders."]
 
     def model_type(self, state_dict, prefix=""):
-        return comfy.model_base.ModelType.FLUX
+        return comfy.model_base.ModelType.FLUX  # flow matching with a velocity output (the CONST sampling)
 
     def inpaint_model(self):
-        return False
+        return False  # no concat channels (BASE would read a UNet's in_channels)
 
     def get_model(self, state_dict, prefix="", device=None):
         return Krea2BaseModel(self, device=device)
 
     def clip_target(self, state_dict=None):
-        return None  # the text encoder comes from Krea2TextEncoderLoader
-
-
-import comfy.conds  # noqa: E402  (after comfy.model_base, as core does)
+        return None  # the text encoder always comes from its own loader, never from the model file
 
 
 def weight_dtype_options(weight_dtype: str) -> dict:

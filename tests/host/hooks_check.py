@@ -9,7 +9,9 @@ Both MODELs load the same file (ours through ``nodes.host.model.load_model``, na
 ``comfy.sd.load_diffusion_model``) and sample the same conditioning with one reference latent
 (``index_timestep_zero``) through ``comfy.sample.sample`` (cfg 2, so cond and uncond share a batch), with
 a DIFFUSION_MODEL wrapper and an attn1_output_patch that only record what they are given. Also the
-sampler's memory estimate with and without the reference.
+sampler's memory estimate with and without the reference, and what each model's ``extra_conds`` /
+``extra_conds_shapes`` make of the same conditioning keys (prompt, references with and without a method, a
+method without references).
 """
 
 import json
@@ -54,6 +56,21 @@ def observe(model):
 _in = sampling_inputs(spec["ctx_width"])
 ctx, unc, ref, latent, noise, with_ref = (_in[k] for k in ("ctx", "unc", "ref", "latent", "noise", "with_ref"))
 
+def summary(cond):
+    """A comfy.conds object as plain data: its class and what it holds (shapes and sums of tensors)."""
+    def of(v):
+        if hasattr(v, "shape"):
+            return [list(v.shape), round(float(v.double().sum()), 6)]
+        if isinstance(v, list):
+            return [of(x) for x in v]
+        return v
+    return [type(cond).__name__, of(cond.cond)]
+
+
+COND_CASES = {"prompt": {}, "references": with_ref, "no_method": {"reference_latents": [ref]},
+              "method_only": {"reference_latents_method": "index"}}
+
+
 res = {}
 for side, model in (("ours", cm.load_model(spec["model"])), ("native", comfy.sd.load_diffusion_model(spec["model"]))):
     m, rec = observe(model)
@@ -65,6 +82,11 @@ for side, model in (("ours", cm.load_model(spec["model"])), ("native", comfy.sd.
         conds = {"positive": [{"cross_attn": ctx, "model_conds": {}, **extra}]}
         mem[name] = comfy.sampler_helpers.estimate_memory(m, latent.shape, conds)[0] if hasattr(
             comfy.sampler_helpers, "estimate_memory") else None
-    res[side] = {"rec": rec, "latent": out.flatten().tolist(), "memory": mem,
+    conds = {}
+    for name, extra in COND_CASES.items():
+        kw = {"cross_attn": ctx, **extra}
+        conds[name] = {"conds": {k: summary(v) for k, v in sorted(m.model.extra_conds(**kw).items())},
+                       "shapes": m.model.extra_conds_shapes(**kw)}
+    res[side] = {"rec": rec, "latent": out.flatten().tolist(), "memory": mem, "conds": conds,
                  "class": type(m.model.diffusion_model).__name__}
 print(json.dumps(res))

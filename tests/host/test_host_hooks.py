@@ -261,7 +261,8 @@ def test_skip_layer_guidance_acts_on_ours_and_equals_a_hand_written_skip(nh, tmp
 
 def test_wrapper_and_patch_see_what_native_gives_them_and_memory_counts_references(nh, tmp_path):
     """hooks_check.py: a recording DIFFUSION_MODEL wrapper and attn1_output_patch on both MODELs, one
-    reference (index_timestep_zero), cond + uncond in one batch."""
+    reference (index_timestep_zero), cond + uncond in one batch; and the model inputs both make of the same
+    conditioning (ours from its own table, native's the reference)."""
     c = A.INTEROP_CFG
     res = host_script(nh, tmp_path, "hooks_check.py", model=os.path.join(nh.models_dir, "diffusion_models", A.INTEROP),
                       ctx_width=c.text_taps * c.text_dim)
@@ -275,6 +276,10 @@ def test_wrapper_and_patch_see_what_native_gives_them_and_memory_counts_referenc
     assert first["img_slice"] == [9, first["L"]] and first["L"] == 9 + 16 + 15  # text | target | reference
     assert sorted(first["cond_or_uncond"]) == [0, 1] and first["uuids"] == 2
     assert ours["memory"] == native["memory"] and ours["memory"]["ref"] > ours["memory"]["plain"]
+    assert ours["conds"] == native["conds"]
+    refs = ours["conds"]["references"]
+    assert refs["conds"]["ref_latents"][0] == "CONDList" and refs["conds"]["ref_latents_method"][1] == "index_timestep_zero"
+    assert "ref_latents_method" not in ours["conds"]["method_only"]["conds"]
     assert rel(torch.tensor(ours["latent"]), torch.tensor(native["latent"])) <= 1e-5
 
 

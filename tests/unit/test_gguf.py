@@ -72,7 +72,8 @@ def test_dequantize_equals_gguf_reference_exactly(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_chunked_dequantize_equals_one_pass(name, monkeypatch):
-    """Large CPU tensors are dequantized a chunk of blocks at a time (a last chunk shorter): same numbers."""
+    """Large CPU tensors are dequantized a chunk of blocks at a time (a last chunk shorter), the super-block
+    types' factors for a run of chunks at once (a last run shorter): same numbers."""
     from krea2_model.formats import gguf_dequant
     rng = np.random.default_rng(7)
     q = QTYPES[name]
@@ -81,8 +82,38 @@ def test_chunked_dequantize_equals_one_pass(name, monkeypatch):
     ref = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, GGMLQuantizationType[name])))
     raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).reshape(-1)
     monkeypatch.setattr(gguf_dequant, "CPU_CHUNK", 2 * q.block_elems)  # 2 blocks per chunk: 7.5 chunks
+    monkeypatch.setattr(gguf_dequant, "FACTOR_RUN", 3)  # runs of 3, 3 and 2 chunks
     assert torch.equal(dequantize(raw, name, (5, row)), ref)
     assert torch.equal(dequantize(raw, name, (5, row), torch.float16), ref.to(torch.float16))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if QTYPES[n].block_elems > 1])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_dequantize_reads_blocks_at_any_byte_offset(name, blocks):
+    """Bytes that start 2 bytes past a word boundary (a tensor or a row sliced out of a larger buffer; every
+    block size is even, so 2 is the worst case), one block or a few: the fields read as 4- or 8-byte words
+    are copied where they cannot be viewed, same numbers."""
+    q = QTYPES[name]
+    data = np.ascontiguousarray(_reference_blocks(name, blocks, q.block_elems, np.random.default_rng(blocks)))
+    ref = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, GGMLQuantizationType[name])))
+    buf = torch.zeros(data.nbytes + 2, dtype=torch.uint8)
+    buf[2:] = torch.from_numpy(data.view(np.uint8).reshape(-1))
+    assert torch.equal(dequantize(buf[2:], name, (blocks, q.block_elems)), ref)
+    assert torch.equal(QTYPES[name].fn(buf[2:].view(blocks, q.block_bytes)), ref)
+
+
+def test_super_block_layouts_tile_their_blocks():
+    """LAYOUTS (the byte ranges of each super-block type's fields): the fields follow one another without gaps
+    or overlaps and fill the block; the float16 factors the tiny generator sets are the layouts' d / dmin."""
+    from krea2_model.formats.gguf_dequant import LAYOUTS
+    assert set(LAYOUTS) == {n for n, q in QTYPES.items() if q.factors is not None}
+    for name, fields in LAYOUTS.items():
+        spans = sorted(fields.values())
+        assert spans[0][0] == 0 and spans[-1][1] == QTYPES[name].block_bytes, name
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), name
+        assert fields["d"][1] - fields["d"][0] == 2, name
+        halves = [fields[f][0] for f in ("d", "dmin") if f in fields]
+        assert [off for off, _ in tiny_gguf.RANDOM_SCALES[name]] == halves, name
 
 
 def test_every_device_dequantizes_in_chunks():
