@@ -368,6 +368,20 @@ def _text_case(torch, pack, a, spec):
 
 # ----------------------------------------------------------------------------------------------- driver
 
+def _pack_root(work: str) -> tuple[str, str]:
+    """``(parent, name)`` the workers import the pack by: its own folder when the name is a Python identifier, else
+    a link named ``krea2_nodes`` in ``work`` (a clone in ``/tmp/tmp.XyZ`` would import as the module ``tmp``)."""
+    name = os.path.basename(PACK)
+    if name.isidentifier():
+        return os.path.dirname(PACK), name
+    parent = os.path.join(work, "pack")
+    os.makedirs(parent, exist_ok=True)
+    link = os.path.join(parent, "krea2_nodes")
+    if not os.path.exists(link):
+        os.symlink(PACK, link, target_is_directory=True)
+    return parent, "krea2_nodes"
+
+
 def _host(arg):
     if arg:
         return arg
@@ -421,6 +435,7 @@ def main(argv=None):
     py = a.python or (os.path.join(host, ".venv", "bin", "python") if host and a.tiny and
                       os.path.exists(os.path.join(host, ".venv", "bin", "python")) else sys.executable)
     work = a.work or tempfile.mkdtemp(prefix="krea2-gpu-check-")
+    pack_parent, pack_name = _pack_root(work)
     assets = make_assets(work, a.tiny, wanted)
     print(f"assets in {assets['assets_s']} s: {work}", flush=True)
     side = 16 if a.tiny else 128  # latent side: 1024 px / 8
@@ -440,7 +455,7 @@ def main(argv=None):
             flags = ["--cpu"] + [f for f in flags if f not in ("--lowvram", "--reserve-vram", "RESERVE")
                                  and not f.replace(".", "").isdigit()]
         spec = {"case": name, "flags": flags, "opts": opts, "assets": assets, "side": side, "steps": a.steps,
-                "tiny": a.tiny, "pack_parent": os.path.dirname(PACK), "pack_name": os.path.basename(PACK)}
+                "tiny": a.tiny, "pack_parent": pack_parent, "pack_name": pack_name}
         sp = os.path.join(work, f"{name}.json")
         json.dump(spec, open(sp, "w"))
         r = subprocess.run([py, os.path.abspath(__file__), "--worker", sp], capture_output=True, text=True,
